@@ -1,0 +1,276 @@
+"""The app factory: routes, error mapping, metrics middleware, and the engine's lifetime.
+
+`create_app(settings)` returns a FastAPI app whose lifespan starts the engine in the background:
+`/health` answers at once (the process is alive), `/ready` says 503 until the engine can serve.
+If the engine fails to start, or dies later, `/ready` fails at once and `on_fatal` is called so the
+process can exit non-zero and the orchestrator restarts it.
+
+Nothing is loaded at import time; the engine is injected (tests may pass their own).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.chat import ChatService
+from server.errors import (
+    APIError,
+    BadRequestError,
+    MethodNotAllowedError,
+    NotFoundError,
+    ServiceUnavailableError,
+)
+from server.generation import EngineClient
+from server.media import ImageLoader
+from server.metrics import CONTENT_TYPE, Metrics
+from server.protocol import ChatCompletion, ChatCompletionRequest, ErrorResponse, ModelCard, ModelList
+from server.settings import Settings
+from server.validation import validation_error_to_api_error
+
+log = logging.getLogger(__name__)
+
+ENGINE_WATCH_INTERVAL_SECONDS = 1.0
+FatalHandler = Callable[[int, str], None]
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse} for status in (400, 404, 413, 429, 500, 503)
+}
+
+
+class AppState:
+    """What the routes share; one per app (no module-level globals)."""
+
+    def __init__(self, settings: Settings, engine: EngineClient, on_fatal: FatalHandler) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.on_fatal = on_fatal
+        self.metrics = Metrics()
+        self.images = ImageLoader(settings.images)
+        self.chat = ChatService(settings, engine, self.images, self.metrics)
+        self.started_at = int(time.time())
+        self.startup_error: str | None = None
+        self.draining = False
+
+    @property
+    def ready(self) -> bool:
+        return self.engine.is_ready and not self.draining and self.startup_error is None
+
+
+def _default_engine(settings: Settings) -> EngineClient:
+    from server.engine import VllmEngine  # imported here: vLLM takes seconds to import
+
+    return VllmEngine(settings)
+
+
+def _log_fatal(code: int, reason: str) -> None:
+    log.critical("fatal: %s (exit code %d)", reason, code)
+
+
+def create_app(
+    settings: Settings,
+    *,
+    engine: EngineClient | None = None,
+    start_engine: Callable[[], Awaitable[None]] | None = None,
+    on_fatal: FatalHandler | None = None,
+) -> FastAPI:
+    engine = engine if engine is not None else _default_engine(settings)
+    state = AppState(settings, engine, on_fatal or _log_fatal)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        starter = start_engine or (lambda: _start_engine(state))
+        startup = asyncio.create_task(_run_startup(state, starter))
+        watcher = asyncio.create_task(_watch_engine(state))
+        try:
+            yield
+        finally:
+            state.draining = True
+            startup.cancel()
+            watcher.cancel()
+            await state.images.aclose()
+            shutdown = getattr(engine, "shutdown", None)
+            if shutdown is not None:
+                shutdown()
+
+    app = FastAPI(
+        title="gemma-server",
+        summary="OpenAI-compatible API for Gemma 3 (text and images) on vLLM",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.gemma = state
+    app.add_middleware(MetricsMiddleware, metrics=state.metrics)
+    _install_error_handlers(app)
+    _add_routes(app, state)
+    return app
+
+
+async def _start_engine(state: AppState) -> None:
+    model = state.settings.model
+    if model.build_tiny_if_missing:
+        from server import tiny_model
+
+        if not tiny_model.is_complete(model.resolved_path):
+            log.info("building the tiny Gemma 3 checkpoint at %s (first use)", model.resolved_path)
+            await asyncio.to_thread(tiny_model.build_tiny_model, model.resolved_path)
+    start = getattr(state.engine, "start")
+    await start()
+
+
+async def _run_startup(state: AppState, starter: Callable[[], Awaitable[None]]) -> None:
+    timeout = state.settings.server.engine_startup_timeout_seconds
+    try:
+        async with asyncio.timeout(timeout):
+            await starter()
+    except asyncio.CancelledError:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - any start-up failure is fatal
+        reason = f"engine failed to start: {type(exc).__name__}: {exc}"
+        state.startup_error = reason
+        log.exception("engine failed to start")
+        state.on_fatal(3, reason)
+        return
+    state.metrics.engine_ready.set(1)
+
+
+async def _watch_engine(state: AppState) -> None:
+    """Polls the engine; a dead engine makes /ready fail and the process exit non-zero."""
+    while True:
+        await asyncio.sleep(ENGINE_WATCH_INTERVAL_SECONDS)
+        if state.engine.is_dead and not state.draining:
+            state.metrics.engine_ready.set(0)
+            state.startup_error = "the inference engine died"
+            state.on_fatal(4, "the inference engine died")
+            return
+
+
+def _require_ready(request: Request) -> AppState:
+    state: AppState = request.app.state.gemma
+    if state.draining:
+        raise ServiceUnavailableError("the server is shutting down", headers={"Retry-After": "5"})
+    if not state.engine.is_ready:
+        raise ServiceUnavailableError("the model is still loading; retry shortly", headers={"Retry-After": "5"})
+    return state
+
+
+ReadyState = Annotated[AppState, Depends(_require_ready)]
+
+
+def _add_routes(app: FastAPI, state: AppState) -> None:
+    @app.get("/health", tags=["probes"], summary="Liveness: the process is up (also while loading).")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready", tags=["probes"], summary="Readiness: 200 once the engine can serve, 503 otherwise.")
+    async def ready() -> JSONResponse:
+        if state.ready:
+            return JSONResponse({"status": "ready"})
+        reason = state.startup_error or ("draining" if state.draining else "loading")
+        return JSONResponse({"status": "not_ready", "reason": reason}, status_code=503)
+
+    @app.get("/metrics", tags=["probes"], summary="Prometheus metrics (server and vLLM engine).")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models", response_model=ModelList, tags=["models"])
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [_model_card(state)]}
+
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=ERROR_RESPONSES, tags=["models"])
+    async def get_model(model_id: str) -> dict[str, Any]:
+        if model_id != state.engine.model_name:
+            raise NotFoundError(f"The model '{model_id}' does not exist", param="model", code="model_not_found")
+        return _model_card(state)
+
+    @app.post(
+        "/v1/chat/completions",
+        response_model=ChatCompletion,
+        responses={**ERROR_RESPONSES, 200: {"content": {"text/event-stream": {}}}},
+        tags=["chat"],
+    )
+    async def chat_completions(body: ChatCompletionRequest, request: Request, ready: ReadyState) -> Response:
+        return await ready.chat.create(body, request)
+
+
+def _model_card(state: AppState) -> dict[str, Any]:
+    return {
+        "id": state.engine.model_name,
+        "object": "model",
+        "created": state.started_at,
+        "owned_by": "google",
+        "max_model_len": state.engine.max_model_len,
+    }
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(_request: Request, exc: APIError) -> Response:
+        return _error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_request: Request, exc: RequestValidationError) -> Response:
+        return _error_response(validation_error_to_api_error(exc.errors()))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> Response:
+        error: APIError
+        if exc.status_code == 404:
+            error = NotFoundError("no such route")
+        elif exc.status_code == 405:
+            error = MethodNotAllowedError("method not allowed on this route")
+        elif exc.status_code < 500:
+            error = BadRequestError(str(exc.detail))
+            error.status_code = exc.status_code
+        else:
+            error = APIError("internal error")
+        return _error_response(error, exc.headers)
+
+    @app.exception_handler(Exception)
+    async def unexpected(_request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error")
+        return _error_response(APIError("internal error"))
+
+
+def _error_response(error: APIError, extra_headers: dict[str, str] | None = None) -> Response:
+    headers = {**error.headers, **(extra_headers or {})}
+    return Response(error.to_json(), status_code=error.status_code, media_type="application/json", headers=headers)
+
+
+class MetricsMiddleware:
+    """Counts every HTTP request by route template and status, and times it to the last byte."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_and_record(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_record)
+        finally:
+            route = scope.get("route")
+            label = getattr(route, "path", None) or "unmatched"
+            self.metrics.requests.labels(label, str(status)).inc()
+            self.metrics.request_seconds.labels(label).observe(time.perf_counter() - started)

@@ -1,0 +1,100 @@
+"""The `gemma-server` command.
+
+    gemma-server serve --config config/tiny.yaml [--host H] [--port P]
+    gemma-server make-tiny-model DIR [--force]
+
+`serve` runs uvicorn on the app from `server.app.create_app`; it exits non-zero when the engine
+fails to start or dies, so an orchestrator restarts the process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+log = logging.getLogger("server")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        return serve(args)
+    if args.command == "make-tiny-model":
+        return make_tiny_model(args)
+    parser.print_help()
+    return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gemma-server", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command")
+
+    serve_cmd = commands.add_parser("serve", help="run the OpenAI-compatible HTTP server")
+    serve_cmd.add_argument("--config", help="YAML configuration file (default: $GEMMA_SERVER_CONFIG)")
+    serve_cmd.add_argument("--host", help="override server.host")
+    serve_cmd.add_argument("--port", type=int, help="override server.port")
+
+    tiny_cmd = commands.add_parser("make-tiny-model", help="write the tiny random-weight Gemma 3 checkpoint")
+    tiny_cmd.add_argument("directory")
+    tiny_cmd.add_argument("--force", action="store_true", help="rebuild even if it exists")
+    return parser
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server.app import create_app
+    from server.logging_setup import configure_logging
+    from server.settings import load_settings
+
+    overrides: dict[str, Any] = {}
+    if args.host is not None:
+        overrides["host"] = args.host
+    if args.port is not None:
+        overrides["port"] = args.port
+    try:
+        settings = load_settings(args.config, **({"server": overrides} if overrides else {}))
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"gemma-server: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.server.log_level, settings.server.log_format)
+
+    exit_code = 0
+    server: uvicorn.Server | None = None
+
+    def on_fatal(code: int, reason: str) -> None:
+        nonlocal exit_code
+        log.critical("%s: shutting down with exit code %d", reason, code)
+        exit_code = code
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(settings, on_fatal=on_fatal)
+    config = uvicorn.Config(
+        app,
+        host=settings.server.host,
+        port=settings.server.port,
+        log_config=None,
+        access_log=False,
+        timeout_keep_alive=30,
+        h11_max_incomplete_event_size=64 * 1024,
+    )
+    server = uvicorn.Server(config)
+    log.info("serving %s on http://%s:%d", settings.model.served_name, settings.server.host, settings.server.port)
+    server.run()
+    if exit_code == 0 and not server.started:
+        return 1
+    return exit_code
+
+
+def make_tiny_model(args: argparse.Namespace) -> int:
+    from server.logging_setup import configure_logging
+    from server.tiny_model import build_tiny_model
+
+    configure_logging("info")
+    path = build_tiny_model(args.directory, force=args.force)
+    print(path)
+    return 0

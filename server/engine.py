@@ -1,0 +1,274 @@
+"""The vLLM engine adapter: the only module that imports vLLM.
+
+It owns the engine's lifetime (`VllmEngine.start` / `shutdown`), turns our plain `SamplingOptions`
+into vLLM's `SamplingParams`, runs vLLM's multimodal processor on a rendered prompt (so vLLM expands
+Gemma 3's image tokens, off the event loop), streams `RequestOutput`s back as `EngineStep`s, and
+translates vLLM's exceptions into the errors of `server/errors.py`.
+
+vLLM does paged KV cache, continuous batching and tensor/pipeline parallelism; this module just
+configures it from `EngineSettings`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from vllm import SamplingParams
+from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.exceptions import VLLMClientError
+from vllm.inputs import TokensPrompt
+from vllm.logprobs import Logprob
+from vllm.outputs import RequestOutput
+from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+from vllm.v1.engine.async_llm import AsyncLLM
+from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
+
+from server.errors import BadRequestError, EngineError, ServiceUnavailableError
+from server.generation import (
+    ChoiceDelta,
+    EnginePrompt,
+    EngineStep,
+    PreparedPrompt,
+    SamplingOptions,
+    TokenLogprob,
+)
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# vLLM's own metrics; the engine records them into prometheus_client's default registry.
+ENGINE_STATS_LOG_INTERVAL_SECONDS = 10.0
+
+
+def engine_args_from_settings(settings: Settings) -> AsyncEngineArgs:
+    engine = settings.engine
+    args: dict[str, Any] = {
+        "model": settings.model.resolved_path,
+        "served_model_name": settings.model.served_name,
+        "revision": settings.model.revision,
+        "dtype": engine.dtype,
+        "max_model_len": engine.max_model_len,
+        "gpu_memory_utilization": engine.gpu_memory_utilization,
+        "kv_cache_memory_bytes": engine.kv_cache_memory_bytes,
+        "tensor_parallel_size": engine.tensor_parallel_size,
+        "pipeline_parallel_size": engine.pipeline_parallel_size,
+        "enable_prefix_caching": engine.enable_prefix_caching,
+        "max_num_seqs": engine.max_num_seqs,
+        "max_num_batched_tokens": engine.max_num_batched_tokens,
+        "enforce_eager": engine.enforce_eager,
+        "seed": engine.seed,
+        "limit_mm_per_prompt": {"image": settings.images.max_per_request},
+        "disable_log_stats": False,  # keeps the vllm:* Prometheus metrics
+        "enable_log_requests": False,
+    }
+    args.update(engine.extra_args)
+    return AsyncEngineArgs(**args)
+
+
+class VllmEngine:
+    """Implements `server.generation.EngineClient` on vLLM's `AsyncLLM`."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.model_name = settings.model.served_name
+        self.max_model_len = settings.engine.max_model_len
+        self._llm: AsyncLLM | None = None
+        self._defaults: dict[str, Any] = {}
+        self._stats_task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    # ---- lifetime -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Builds the engine (spawns the engine-core process, loads weights, warms up).
+
+        Construction blocks for a minute or more, so it runs in a worker thread: the HTTP server
+        keeps answering /health (alive) and /ready (503) meanwhile.
+        """
+        args = engine_args_from_settings(self.settings)
+        started = time.monotonic()
+        llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+        self._llm = llm
+        self.max_model_len = llm.model_config.max_model_len
+        self._defaults = llm.model_config.get_diff_sampling_param()
+        self._stats_task = asyncio.create_task(self._log_stats_periodically())
+        log.info(
+            "engine ready in %.1f s: model=%s max_model_len=%d defaults=%s",
+            time.monotonic() - started,
+            self.settings.model.resolved_path,
+            self.max_model_len,
+            self._defaults,
+        )
+
+    def shutdown(self) -> None:
+        self._stopping = True
+        if self._stats_task is not None:
+            self._stats_task.cancel()
+        if self._llm is not None:
+            self._llm.shutdown()
+            self._llm = None
+
+    async def _log_stats_periodically(self) -> None:
+        while self._llm is not None:
+            await asyncio.sleep(ENGINE_STATS_LOG_INTERVAL_SECONDS)
+            if self._llm is not None:
+                await self._llm.do_log_stats()
+
+    @property
+    def is_ready(self) -> bool:
+        return self._llm is not None and not self._llm.errored
+
+    @property
+    def is_dead(self) -> bool:
+        """True once a started engine has failed (not while it is still loading)."""
+        return self._llm is not None and self._llm.errored and not self._stopping
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._require().get_tokenizer()
+
+    def default_sampling(self) -> dict[str, Any]:
+        """The checkpoint's generation_config defaults (Gemma 3: top_k 64, top_p 0.95)."""
+        return dict(self._defaults)
+
+    def _require(self) -> AsyncLLM:
+        if self._llm is None:
+            raise ServiceUnavailableError("the model is still loading; retry shortly")
+        if self._llm.errored and not self._stopping:
+            raise ServiceUnavailableError("the inference engine has stopped; the server is restarting")
+        return self._llm
+
+    # ---- requests -------------------------------------------------------------------------
+
+    async def prepare(self, prompt: EnginePrompt) -> PreparedPrompt:
+        """Runs vLLM's multimodal processor: images resized and normalized, image tokens expanded.
+
+        vLLM runs the processor in its own worker thread, so the event loop stays free.
+        """
+        llm = self._require()
+        tokens_prompt = TokensPrompt(prompt_token_ids=prompt.token_ids)
+        if prompt.images:
+            tokens_prompt["multi_modal_data"] = {"image": list(prompt.images)}
+            if prompt.mm_processor_kwargs:
+                tokens_prompt["mm_processor_kwargs"] = dict(prompt.mm_processor_kwargs)
+        try:
+            engine_input = await llm.renderer.process_for_engine_async(
+                tokens_prompt, arrival_time=time.time()
+            )
+        except (ValueError, TypeError, VLLMClientError) as exc:
+            raise BadRequestError(f"the images could not be processed: {exc}", param="messages") from exc
+        token_ids = list(engine_input["prompt_token_ids"])
+        num_image_tokens = len(token_ids) - len(prompt.token_ids) if prompt.images else 0
+        return PreparedPrompt(token_ids=token_ids, num_image_tokens=num_image_tokens, engine_input=engine_input)
+
+    async def generate(
+        self, prompt: PreparedPrompt, options: SamplingOptions, request_id: str
+    ) -> AsyncIterator[EngineStep]:
+        llm = self._require()
+        params = self._sampling_params(options)
+        try:
+            async for output in llm.generate(prompt.engine_input, params, request_id):
+                yield _step_from_output(output, want_logprobs=options.logprobs is not None)
+        except EngineDeadError as exc:
+            raise ServiceUnavailableError("the inference engine has stopped") from exc
+        except VLLMClientError as exc:
+            raise BadRequestError(str(exc)) from exc
+        except EngineGenerateError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, (ValueError, VLLMClientError)):
+                raise BadRequestError(str(cause)) from exc
+            raise EngineError("the engine failed to generate a response") from exc
+
+    async def abort(self, request_id: str) -> None:
+        if self._llm is not None:
+            await self._llm.abort(request_id)
+
+    def _sampling_params(self, options: SamplingOptions) -> SamplingParams:
+        defaults = self._defaults
+
+        def pick(name: str, fallback: Any) -> Any:
+            value = getattr(options, name)
+            if value is not None:
+                return value
+            return defaults.get(name, fallback)
+
+        structured = None
+        if options.json_schema is not None:
+            structured = StructuredOutputsParams(json=options.json_schema)
+        elif options.json_object:
+            structured = StructuredOutputsParams(json_object=True)
+        elif options.regex is not None:
+            structured = StructuredOutputsParams(regex=options.regex)
+        elif options.structural_tag is not None:
+            structured = StructuredOutputsParams(structural_tag=options.structural_tag)
+
+        try:
+            return SamplingParams(
+                n=options.n,
+                temperature=pick("temperature", 1.0),
+                top_p=pick("top_p", 1.0),
+                top_k=pick("top_k", 0),
+                min_p=pick("min_p", 0.0),
+                presence_penalty=pick("presence_penalty", 0.0),
+                frequency_penalty=pick("frequency_penalty", 0.0),
+                repetition_penalty=pick("repetition_penalty", 1.0),
+                seed=options.seed,
+                stop=list(options.stop),
+                stop_token_ids=list(options.stop_token_ids),
+                ignore_eos=options.ignore_eos,
+                max_tokens=options.max_tokens,
+                min_tokens=options.min_tokens,
+                logprobs=options.logprobs,
+                logit_bias=options.logit_bias,
+                skip_special_tokens=options.skip_special_tokens,
+                include_stop_str_in_output=options.include_stop_str_in_output,
+                structured_outputs=structured,
+                output_kind=RequestOutputKind.DELTA if options.stream else RequestOutputKind.FINAL_ONLY,
+            )
+        except (ValueError, TypeError) as exc:
+            raise BadRequestError(str(exc)) from exc
+
+
+def _step_from_output(output: RequestOutput, *, want_logprobs: bool) -> EngineStep:
+    choices = [
+        ChoiceDelta(
+            index=completion.index,
+            text=completion.text,
+            token_ids=list(completion.token_ids),
+            finish_reason=completion.finish_reason,
+            stop_reason=completion.stop_reason,
+            logprobs=_logprobs(completion.token_ids, completion.logprobs) if want_logprobs else None,
+        )
+        for completion in output.outputs
+    ]
+    return EngineStep(
+        choices=choices,
+        finished=output.finished,
+        prompt_token_ids=output.prompt_token_ids,
+        num_cached_tokens=output.num_cached_tokens or 0,
+    )
+
+
+def _logprobs(token_ids: Any, logprobs: Any) -> list[TokenLogprob] | None:
+    if logprobs is None:
+        return None
+    result: list[TokenLogprob] = []
+    for token_id, candidates in zip(token_ids, logprobs, strict=False):
+        chosen: Logprob | None = candidates.get(token_id)
+        top = sorted(
+            ((tid, lp.decoded_token or "", lp.logprob) for tid, lp in candidates.items()),
+            key=lambda item: -item[2],
+        )
+        result.append(
+            TokenLogprob(
+                token_id=token_id,
+                token=(chosen.decoded_token or "") if chosen else "",
+                logprob=chosen.logprob if chosen else float("-inf"),
+                top=top,
+            )
+        )
+    return result

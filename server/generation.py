@@ -1,0 +1,117 @@
+"""The narrow interface between serving logic and the inference engine, in plain Python types.
+
+Serving code (chat, completions) talks to an `EngineClient`: it hands over an `EnginePrompt`
+(token ids and decoded images) and `SamplingOptions`, and reads back `EngineStep`s. The vLLM
+implementation lives in `server/engine.py`, the only module that imports vLLM; tests of the serving
+logic can use any object with this shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
+
+
+@dataclass(slots=True)
+class EnginePrompt:
+    """A chat rendered by the model's template and tokenized; images not yet expanded."""
+
+    token_ids: list[int]
+    images: list[Image] = field(default_factory=list)
+    # Per-image processor options (Gemma 3: do_pan_and_scan, pan_and_scan_max_num_crops).
+    mm_processor_kwargs: dict[str, Any] | None = None
+
+
+@dataclass(slots=True)
+class PreparedPrompt:
+    """An `EnginePrompt` after the multimodal processor: image tokens expanded, pixels ready."""
+
+    token_ids: list[int]
+    num_image_tokens: int
+    engine_input: Any  # the engine's own object; opaque to serving code
+
+
+@dataclass(slots=True)
+class SamplingOptions:
+    max_tokens: int
+    n: int = 1
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    logprobs: int | None = None
+    logit_bias: dict[int, float] | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    # Constrained decoding: at most one of these.
+    json_schema: dict[str, Any] | None = None
+    json_object: bool = False
+    regex: str | None = None
+    structural_tag: str | None = None
+    stream: bool = False
+
+
+@dataclass(slots=True)
+class TokenLogprob:
+    token_id: int
+    token: str
+    logprob: float
+    top: list[tuple[int, str, float]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class ChoiceDelta:
+    """What one choice produced since the previous step (or all of it, when not streaming)."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass(slots=True)
+class EngineStep:
+    choices: list[ChoiceDelta]
+    finished: bool
+    prompt_token_ids: list[int] | None = None
+    num_cached_tokens: int = 0
+
+
+class EngineClient(Protocol):
+    """What serving code needs from an engine."""
+
+    model_name: str
+    max_model_len: int
+
+    @property
+    def tokenizer(self) -> Any: ...
+
+    @property
+    def is_ready(self) -> bool: ...
+
+    @property
+    def is_dead(self) -> bool: ...
+
+    def default_sampling(self) -> dict[str, Any]: ...
+
+    async def prepare(self, prompt: EnginePrompt) -> PreparedPrompt: ...
+
+    def generate(
+        self, prompt: PreparedPrompt, options: SamplingOptions, request_id: str
+    ) -> AsyncIterator[EngineStep]: ...
+
+    async def abort(self, request_id: str) -> None: ...

@@ -1,0 +1,93 @@
+"""Prometheus metrics: the server's own, plus vLLM's `vllm:*` engine metrics, on one page.
+
+Our metrics live in a registry owned by the app (so several apps in one test process do not clash);
+vLLM records its engine metrics (running/waiting requests, KV cache usage, TTFT, TPOT, ...) into
+prometheus_client's default registry. `/metrics` renders both.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+PREFIX = "gemma_server"
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
+_FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            f"{PREFIX}_requests",
+            "HTTP requests answered, by route and status code.",
+            ["route", "status"],
+            registry=r,
+        )
+        self.request_seconds = Histogram(
+            f"{PREFIX}_request_duration_seconds",
+            "Time from receiving a request to its last byte, by route.",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.time_to_first_token = Histogram(
+            f"{PREFIX}_time_to_first_token_seconds",
+            "Time from receiving a generation request to its first output token.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            f"{PREFIX}_requests_in_flight",
+            "Generation requests admitted and not yet finished (front end and engine).",
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            f"{PREFIX}_prompt_tokens", "Prompt tokens of finished requests (images included).", registry=r
+        )
+        self.completion_tokens = Counter(
+            f"{PREFIX}_completion_tokens", "Generated tokens of finished requests.", registry=r
+        )
+        self.images = Counter(
+            f"{PREFIX}_images", "Images received, by source (data URI or URL).", ["source"], registry=r
+        )
+        self.images_per_request = Histogram(
+            f"{PREFIX}_images_per_request",
+            "Images in one generation request.",
+            buckets=(0, 1, 2, 3, 4, 6, 8, 16, 32),
+            registry=r,
+        )
+        self.image_load_seconds = Histogram(
+            f"{PREFIX}_image_load_seconds",
+            "Fetching and decoding one request's images.",
+            buckets=_FAST_BUCKETS,
+            registry=r,
+        )
+        self.preprocess_seconds = Histogram(
+            f"{PREFIX}_preprocess_seconds",
+            "Prompt building: chat template, tokenization and the multimodal processor.",
+            buckets=_FAST_BUCKETS,
+            registry=r,
+        )
+        self.engine_ready = Gauge(
+            f"{PREFIX}_engine_ready", "1 when the engine can serve requests, else 0.", registry=r
+        )
+        self.aborted = Counter(
+            f"{PREFIX}_aborted_requests",
+            "Generation requests aborted before finishing, by reason.",
+            ["reason"],
+            registry=r,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry) + generate_latest(REGISTRY)

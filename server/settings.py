@@ -1,0 +1,194 @@
+"""The server's configuration: one typed tree, read from a YAML file, overridden by the environment.
+
+Precedence, highest first: keyword arguments (the CLI's --host/--port), environment variables
+`GEMMA_SERVER_<SECTION>__<FIELD>` (e.g. `GEMMA_SERVER_ENGINE__MAX_MODEL_LEN=4096`), the YAML file,
+then the defaults below. Every field is documented here; the README's configuration reference is
+generated from the same descriptions.
+
+This module imports neither vLLM nor FastAPI: it is read by the CLI, the app factory and the tests.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+ENV_PREFIX = "GEMMA_SERVER_"
+CONFIG_ENV_VAR = "GEMMA_SERVER_CONFIG"
+DEFAULT_TINY_MODEL_DIR = "~/.cache/gemma-server/tiny-gemma3"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSettings(_Section):
+    path: str = Field(
+        DEFAULT_TINY_MODEL_DIR,
+        description="Hugging Face model id (e.g. google/gemma-3-4b-it) or a local checkpoint folder.",
+    )
+    served_name: str = Field(
+        "gemma-3-4b-it", description="The model id clients send and /v1/models lists."
+    )
+    build_tiny_if_missing: bool = Field(
+        False,
+        description="Generate the tiny random-weight Gemma 3 at `path` if it is not there yet "
+        "(development and CI only).",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+
+    @property
+    def resolved_path(self) -> str:
+        """A local folder with `~` expanded; a hub id is returned as it is."""
+        expanded = os.path.expanduser(self.path)
+        if expanded != self.path or Path(expanded).exists() or self.build_tiny_if_missing:
+            return str(Path(expanded).resolve())
+        return self.path
+
+
+class EngineSettings(_Section):
+    dtype: Literal["bfloat16", "float32", "auto"] = Field(
+        "bfloat16",
+        description="Weights and activations. Gemma 3 needs bf16 or fp32: fp16 overflows and "
+        "produces empty or garbage text, so it is refused.",
+    )
+    max_model_len: int = Field(
+        131072, ge=256, description="Context length: prompt plus generated tokens."
+    )
+    gpu_memory_utilization: float = Field(
+        0.90, gt=0, le=1, description="Fraction of accelerator memory vLLM may use."
+    )
+    kv_cache_memory_bytes: int | None = Field(
+        None,
+        gt=0,
+        description="KV cache size in bytes; overrides gpu_memory_utilization (set it on CPU).",
+    )
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs one replica shards across.")
+    pipeline_parallel_size: int = Field(1, ge=1, description="Pipeline stages (multi-node).")
+    enable_prefix_caching: bool = Field(True, description="Reuse KV blocks of shared prefixes.")
+    max_num_seqs: int = Field(256, ge=1, description="Sequences the engine batches at once.")
+    max_num_batched_tokens: int | None = Field(
+        None, ge=1, description="Token budget per engine step (chunked prefill)."
+    )
+    enforce_eager: bool = Field(False, description="Skip CUDA graphs / compilation.")
+    seed: int = Field(0, description="Engine seed for reproducible sampling.")
+    extra_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Further vLLM AsyncEngineArgs, passed through as they are.",
+    )
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _refuse_fp16(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.lower() in {"float16", "fp16", "half"}:
+            raise ValueError(
+                "Gemma 3 must not run in float16: its activations overflow fp16 and the model "
+                "returns empty or garbage text (vLLM #14817). Use bfloat16 (or float32)."
+            )
+        return value
+
+
+class ImageSettings(_Section):
+    max_per_request: int = Field(
+        8, ge=0, description="Images allowed in one request (and in one engine prompt)."
+    )
+    max_bytes: int = Field(
+        20 * 2**20, ge=1, description="Largest encoded image, fetched or inline, in bytes."
+    )
+    max_pixels: int = Field(
+        50_000_000, ge=1, description="Largest decoded image (width x height), checked before decoding."
+    )
+    fetch_timeout_seconds: float = Field(
+        10.0, gt=0, description="Total time allowed to fetch one image URL."
+    )
+    allow_private_networks: bool = Field(
+        False,
+        description="Let image URLs reach loopback/private addresses (development and tests only).",
+    )
+    pan_and_scan: bool = Field(
+        False,
+        description="Gemma 3's pan-and-scan (extra crops of large or elongated images) by default.",
+    )
+
+
+class ServerSettings(_Section):
+    host: str = Field("0.0.0.0", description="Interface to listen on.")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info")
+    log_format: Literal["text", "json"] = Field("text", description="json for log collectors.")
+    default_max_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="max_tokens when a request sets none (None: the rest of the context).",
+    )
+    engine_startup_timeout_seconds: float = Field(
+        1800, gt=0, description="Give up (and exit non-zero) if the engine is not up by then."
+    )
+
+
+class Settings(BaseSettings):
+    """The whole configuration. Build it with `load_settings`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        yaml_file=None,
+    )
+
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    images: ImageSettings = Field(default_factory=ImageSettings)
+    server: ServerSettings = Field(default_factory=ServerSettings)
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> Settings:
+        if self.server.default_max_tokens and self.server.default_max_tokens >= self.engine.max_model_len:
+            raise ValueError("server.default_max_tokens must be below engine.max_model_len")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        yaml_path = _CONFIG_FILE_FOR_LOAD.get("path")
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if yaml_path is not None:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=yaml_path))
+        return tuple(sources)
+
+
+# pydantic-settings builds sources from class-level configuration; this hands the chosen file to
+# `settings_customise_sources` for the duration of one `load_settings` call.
+_CONFIG_FILE_FOR_LOAD: dict[str, Path | None] = {}
+
+
+def load_settings(config_path: str | Path | None = None, **overrides: Any) -> Settings:
+    """Reads the YAML file (or $GEMMA_SERVER_CONFIG), then the environment, then `overrides`.
+
+    `overrides` are nested dicts by section, e.g. `server={"port": 9000}`.
+    """
+    path = config_path or os.environ.get(CONFIG_ENV_VAR)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+    _CONFIG_FILE_FOR_LOAD["path"] = path
+    try:
+        return Settings(**overrides)
+    finally:
+        _CONFIG_FILE_FOR_LOAD.pop("path", None)
