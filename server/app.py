@@ -35,6 +35,7 @@ from server.generation import EngineClient
 from server.media import ImageLoader
 from server.metrics import CONTENT_TYPE, Metrics
 from server.protocol import ChatCompletion, ChatCompletionRequest, ErrorResponse, ModelCard, ModelList
+from server.selftest import run_self_test
 from server.settings import Settings
 from server.validation import validation_error_to_api_error
 
@@ -60,11 +61,12 @@ class AppState:
         self.chat = ChatService(settings, engine, self.images, self.metrics)
         self.started_at = int(time.time())
         self.startup_error: str | None = None
+        self.self_tested = False
         self.draining = False
 
     @property
     def ready(self) -> bool:
-        return self.engine.is_ready and not self.draining and self.startup_error is None
+        return self.self_tested and self.engine.is_ready and not self.draining and self.startup_error is None
 
 
 def _default_engine(settings: Settings) -> EngineClient:
@@ -124,8 +126,9 @@ async def _start_engine(state: AppState) -> None:
         if not tiny_model.is_complete(model.resolved_path):
             log.info("building the tiny Gemma 3 checkpoint at %s (first use)", model.resolved_path)
             await asyncio.to_thread(tiny_model.build_tiny_model, model.resolved_path)
-    start = getattr(state.engine, "start")
+    start = state.engine.start
     await start()
+    await run_self_test(state.chat)
 
 
 async def _run_startup(state: AppState, starter: Callable[[], Awaitable[None]]) -> None:
@@ -135,12 +138,13 @@ async def _run_startup(state: AppState, starter: Callable[[], Awaitable[None]]) 
             await starter()
     except asyncio.CancelledError:
         raise
-    except BaseException as exc:  # noqa: BLE001 - any start-up failure is fatal
+    except BaseException as exc:
         reason = f"engine failed to start: {type(exc).__name__}: {exc}"
         state.startup_error = reason
         log.exception("engine failed to start")
         state.on_fatal(3, reason)
         return
+    state.self_tested = True
     state.metrics.engine_ready.set(1)
 
 
@@ -159,7 +163,7 @@ def _require_ready(request: Request) -> AppState:
     state: AppState = request.app.state.gemma
     if state.draining:
         raise ServiceUnavailableError("the server is shutting down", headers={"Retry-After": "5"})
-    if not state.engine.is_ready:
+    if not state.engine.is_ready:  # requests may arrive before the self-test has finished: fine
         raise ServiceUnavailableError("the model is still loading; retry shortly", headers={"Retry-After": "5"})
     return state
 

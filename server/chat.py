@@ -15,6 +15,7 @@ started are sent as an SSE error event followed by `data: [DONE]`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -31,7 +32,14 @@ from server.media import ImageLoader
 from server.metrics import Metrics
 from server.prompt import Conversation, conversation_for_template, render_prompt
 from server.protocol import ChatCompletionRequest
-from server.responses import SSE_DONE, ChatChoiceResult, ChunkEncoder, UsageCounter, chat_completion_body, logprobs_content
+from server.responses import (
+    SSE_DONE,
+    ChatChoiceResult,
+    ChunkEncoder,
+    UsageCounter,
+    chat_completion_body,
+    logprobs_content,
+)
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -46,7 +54,8 @@ class ChatService:
         self.images = images
         self.metrics = metrics
 
-    async def create(self, request: ChatCompletionRequest, http_request: Request) -> Response:
+    async def create(self, request: ChatCompletionRequest, http_request: Request | None) -> Response:
+        """`http_request` lets a non-streaming request be cancelled when its client goes away."""
         received = time.perf_counter()
         if request.model != self.engine.model_name:
             raise ModelNotFoundError(
@@ -60,13 +69,15 @@ class ChatService:
         if request.stream:
             include_usage = bool(request.stream_options and request.stream_options.include_usage)
             encoder = ChunkEncoder(
-                request_id, self.engine.model_name, include_usage=include_usage, return_token_ids=request.return_token_ids
+                request_id,
+                self.engine.model_name,
+                include_usage=include_usage,
+                return_token_ids=request.return_token_ids,
             )
             stream = self._stream(request, prepared, options, encoder, usage, received)
             return StreamingResponse(stream, media_type="text/event-stream", headers=SSE_HEADERS)
-        body = await _cancel_on_disconnect(
-            http_request, self._complete(request, request_id, prepared, options, usage, received)
-        )
+        work = self._complete(request, request_id, prepared, options, usage, received)
+        body = await (work if http_request is None else _cancel_on_disconnect(http_request, work))
         return Response(body, media_type="application/json")
 
     # ---- preparation ----------------------------------------------------------------------
@@ -103,7 +114,11 @@ class ChatService:
     def _mm_kwargs(self, conversation: Conversation) -> dict[str, Any] | None:
         if not conversation.images:
             return None
-        return {"do_pan_and_scan": self.settings.images.pan_and_scan}
+        # detail "low" asks for one view per image; "high"/"auto" allow Gemma 3's pan-and-scan
+        # crops when the configuration enables them. vLLM takes one setting per prompt, so a
+        # request mixing "low" with other details gets pan-and-scan for all of its images.
+        wants_crops = any(ref.detail != "low" for ref in conversation.images)
+        return {"do_pan_and_scan": self.settings.images.pan_and_scan and wants_crops}
 
     def _sampling_options(self, request: ChatCompletionRequest, prepared: PreparedPrompt) -> SamplingOptions:
         prompt_len = len(prepared.token_ids)
@@ -145,7 +160,9 @@ class ChatService:
                 if step.num_cached_tokens:
                     usage.cached_tokens = step.num_cached_tokens
                 for delta in step.choices:
-                    result = results.setdefault(delta.index, ChatChoiceResult(index=delta.index, text="", finish_reason=None))
+                    result = results.setdefault(
+                        delta.index, ChatChoiceResult(index=delta.index, text="", finish_reason=None)
+                    )
                     result.text += delta.text
                     result.token_ids.extend(delta.token_ids)
                     result.finish_reason = delta.finish_reason or result.finish_reason
@@ -205,7 +222,7 @@ class ChatService:
         except APIError as error:
             log.warning("stream %s failed: %s", encoder.request_id, error.message)
             yield sse_error_event(error)
-        except Exception:  # noqa: BLE001 - a stream must end with an error event, never a cut connection
+        except Exception:
             log.exception("stream %s failed", encoder.request_id)
             yield sse_error_event(APIError("internal error while streaming"))
         finally:
@@ -228,10 +245,8 @@ async def _cancel_on_disconnect(http_request: Request, work: Any) -> Any:
         if task in done:
             return task.result()
         task.cancel()
-        try:
+        with contextlib.suppress(asyncio.CancelledError):
             await task
-        except asyncio.CancelledError:
-            pass
         raise asyncio.CancelledError("client disconnected")
     finally:
         watcher.cancel()

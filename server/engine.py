@@ -156,13 +156,12 @@ class VllmEngine:
             if prompt.mm_processor_kwargs:
                 tokens_prompt["mm_processor_kwargs"] = dict(prompt.mm_processor_kwargs)
         try:
-            engine_input = await llm.renderer.process_for_engine_async(
-                tokens_prompt, arrival_time=time.time()
-            )
+            engine_input = await llm.renderer.process_for_engine_async(tokens_prompt, arrival_time=time.time())
         except (ValueError, TypeError, VLLMClientError) as exc:
             raise BadRequestError(f"the images could not be processed: {exc}", param="messages") from exc
         token_ids = list(engine_input["prompt_token_ids"])
-        num_image_tokens = len(token_ids) - len(prompt.token_ids) if prompt.images else 0
+        placeholders = engine_input.get("mm_placeholders") or {}
+        num_image_tokens = sum(p.length for p in placeholders.get("image", ()))
         return PreparedPrompt(token_ids=token_ids, num_image_tokens=num_image_tokens, engine_input=engine_input)
 
     async def generate(

@@ -80,7 +80,9 @@ class ImageLoader:
                     if response.is_redirect:
                         location = response.headers.get("location")
                         if not location:
-                            raise BadRequestError("image URL redirected nowhere", param=param, code="image_fetch_failed")
+                            raise BadRequestError(
+                                "image URL redirected nowhere", param=param, code="image_fetch_failed"
+                            )
                         url = str(response.url.join(location))
                         continue
                     if response.status_code != 200:
@@ -110,7 +112,9 @@ class ImageLoader:
     async def _check_destination(self, url: str, param: str) -> None:
         if self.settings.allow_private_networks:
             return
-        host = urlsplit(url).hostname
+        parts = urlsplit(url)
+        host = parts.hostname
+        port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
         if not host:
             raise BadRequestError("image URL has no host", param=param, code="invalid_image_url")
         try:
@@ -119,12 +123,21 @@ class ImageLoader:
             raise BadRequestError("image host could not be resolved", param=param, code="image_fetch_failed") from exc
         for info in infos:
             address = ipaddress.ip_address(info[4][0])
-            if not address.is_global:
+            if not address.is_global and not self._allowlisted(address, port):
                 raise BadRequestError(
                     "image URL points to a private or local network address, which is not allowed",
                     param=param,
                     code="invalid_image_url",
                 )
+
+    def _allowlisted(self, address: ipaddress.IPv4Address | ipaddress.IPv6Address, port: int) -> bool:
+        for entry in self.settings.private_network_allowlist:
+            if "/" in entry:
+                if address in ipaddress.ip_network(entry, strict=False):
+                    return True
+            elif entry == f"{address}:{port}":
+                return True
+        return False
 
 
 def decode_data_uri(uri: str, max_bytes: int, param: str) -> bytes:
@@ -151,9 +164,7 @@ def decode_image(data: bytes, max_pixels: int, param: str) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:
-        raise BadRequestError(
-            "the image has too many pixels", param=param, code="image_too_large"
-        ) from exc
+        raise BadRequestError("the image has too many pixels", param=param, code="image_too_large") from exc
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise BadRequestError("the image could not be decoded", param=param, code="invalid_image") from exc
     if image.format not in ALLOWED_FORMATS:
@@ -193,6 +204,4 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 
 def _too_large(max_bytes: int, param: str) -> BadRequestError:
-    return BadRequestError(
-        f"the image is larger than {max_bytes} bytes", param=param, code="image_too_large"
-    )
+    return BadRequestError(f"the image is larger than {max_bytes} bytes", param=param, code="image_too_large")

@@ -79,9 +79,7 @@ class Metrics:
             buckets=_FAST_BUCKETS,
             registry=r,
         )
-        self.engine_ready = Gauge(
-            f"{PREFIX}_engine_ready", "1 when the engine can serve requests, else 0.", registry=r
-        )
+        self.engine_ready = Gauge(f"{PREFIX}_engine_ready", "1 when the engine can serve requests, else 0.", registry=r)
         self.aborted = Counter(
             f"{PREFIX}_aborted_requests",
             "Generation requests aborted before finishing, by reason.",

@@ -40,9 +40,7 @@ def conversation_for_template(messages: list[Message]) -> Conversation:
     images: list[ImageRef] = []
     for index, message in enumerate(messages):
         param = f"messages[{index}]"
-        if isinstance(message, ToolMessage) or (
-            isinstance(message, AssistantMessage) and message.tool_calls
-        ):
+        if isinstance(message, ToolMessage) or (isinstance(message, AssistantMessage) and message.tool_calls):
             raise BadRequestError("tool messages and tool calls are not supported yet", param=param)
         role = "system" if isinstance(message, SystemMessage) else message.role
         content = message.content
@@ -78,11 +76,11 @@ def render_prompt(tokenizer: Any, conversation: Conversation) -> tuple[str, list
     The template writes `<bos>` itself, so the tokenizer must not add special tokens again.
     """
     try:
-        text = tokenizer.apply_chat_template(
-            conversation.messages, tokenize=False, add_generation_prompt=True
-        )
+        text = tokenizer.apply_chat_template(conversation.messages, tokenize=False, add_generation_prompt=True)
     except jinja2.TemplateError as exc:
         # Gemma 3's template raises for roles that do not alternate user/model.
-        raise BadRequestError(f"the conversation does not fit the model's chat format: {exc}", param="messages") from exc
+        raise BadRequestError(
+            f"the conversation does not fit the model's chat format: {exc}", param="messages"
+        ) from exc
     token_ids = tokenizer.encode(text, add_special_tokens=False)
     return text, token_ids

@@ -97,9 +97,7 @@ class ToolMessage(_Wire):
     tool_call_id: str
 
 
-Message = Annotated[
-    SystemMessage | UserMessage | AssistantMessage | ToolMessage, Field(discriminator="role")
-]
+Message = Annotated[SystemMessage | UserMessage | AssistantMessage | ToolMessage, Field(discriminator="role")]
 
 
 # ---- request: chat completion ---------------------------------------------------------------

@@ -40,6 +40,7 @@ class UsageCounter:
             "prompt_tokens_details": {
                 "cached_tokens": self.cached_tokens,
                 "image_tokens": self.image_tokens,
+                "text_tokens": self.prompt_tokens - self.image_tokens,
             },
         }
 

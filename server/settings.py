@@ -36,9 +36,7 @@ class ModelSettings(_Section):
         DEFAULT_TINY_MODEL_DIR,
         description="Hugging Face model id (e.g. google/gemma-3-4b-it) or a local checkpoint folder.",
     )
-    served_name: str = Field(
-        "gemma-3-4b-it", description="The model id clients send and /v1/models lists."
-    )
+    served_name: str = Field("gemma-3-4b-it", description="The model id clients send and /v1/models lists.")
     build_tiny_if_missing: bool = Field(
         False,
         description="Generate the tiny random-weight Gemma 3 at `path` if it is not there yet "
@@ -61,12 +59,8 @@ class EngineSettings(_Section):
         description="Weights and activations. Gemma 3 needs bf16 or fp32: fp16 overflows and "
         "produces empty or garbage text, so it is refused.",
     )
-    max_model_len: int = Field(
-        131072, ge=256, description="Context length: prompt plus generated tokens."
-    )
-    gpu_memory_utilization: float = Field(
-        0.90, gt=0, le=1, description="Fraction of accelerator memory vLLM may use."
-    )
+    max_model_len: int = Field(131072, ge=256, description="Context length: prompt plus generated tokens.")
+    gpu_memory_utilization: float = Field(0.90, gt=0, le=1, description="Fraction of accelerator memory vLLM may use.")
     kv_cache_memory_bytes: int | None = Field(
         None,
         gt=0,
@@ -98,21 +92,20 @@ class EngineSettings(_Section):
 
 
 class ImageSettings(_Section):
-    max_per_request: int = Field(
-        8, ge=0, description="Images allowed in one request (and in one engine prompt)."
-    )
-    max_bytes: int = Field(
-        20 * 2**20, ge=1, description="Largest encoded image, fetched or inline, in bytes."
-    )
+    max_per_request: int = Field(8, ge=0, description="Images allowed in one request (and in one engine prompt).")
+    max_bytes: int = Field(20 * 2**20, ge=1, description="Largest encoded image, fetched or inline, in bytes.")
     max_pixels: int = Field(
         50_000_000, ge=1, description="Largest decoded image (width x height), checked before decoding."
     )
-    fetch_timeout_seconds: float = Field(
-        10.0, gt=0, description="Total time allowed to fetch one image URL."
-    )
+    fetch_timeout_seconds: float = Field(10.0, gt=0, description="Total time allowed to fetch one image URL.")
     allow_private_networks: bool = Field(
         False,
         description="Let image URLs reach loopback/private addresses (development and tests only).",
+    )
+    private_network_allowlist: list[str] = Field(
+        default_factory=list,
+        description="Private destinations image URLs may still reach: CIDRs (10.1.0.0/16) or "
+        "address:port pairs (127.0.0.1:9000), e.g. an internal image store.",
     )
     pan_and_scan: bool = Field(
         False,

@@ -61,7 +61,9 @@ def validation_error_to_api_error(errors: Sequence[dict[str, Any]]) -> BadReques
     text = f"{param}: {message}" if param else message
     if len(errors) > 1:
         text += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
-    return BadRequestError(text, param=param, code="invalid_value" if kind != "missing" else "missing_required_parameter")
+    return BadRequestError(
+        text, param=param, code="invalid_value" if kind != "missing" else "missing_required_parameter"
+    )
 
 
 def _without_union_members(location: tuple[Any, ...]) -> tuple[Any, ...]:

@@ -1,0 +1,53 @@
+"""The behavioural oracle: vLLM's offline `LLM.chat` on the same checkpoint and engine settings.
+
+Run as a script (`python -m tests.support.offline_oracle OUT.json`), it answers every case of
+`tests/integration/oracle_cases.py` greedily and writes the prompt and output token ids. The server
+must produce exactly the same ids for the same messages.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+
+def main(out_path: str) -> None:
+    from vllm import LLM, SamplingParams
+
+    from server.engine import engine_args_from_settings
+    from server.settings import load_settings
+    from tests.integration.oracle_cases import CASES
+    from tests.support.live_server import TINY_CONFIG
+
+    started = time.monotonic()
+    args = engine_args_from_settings(load_settings(TINY_CONFIG))
+    keep = (
+        "model",
+        "dtype",
+        "max_model_len",
+        "kv_cache_memory_bytes",
+        "enforce_eager",
+        "seed",
+        "limit_mm_per_prompt",
+        "max_num_seqs",
+    )
+    llm = LLM(**{name: getattr(args, name) for name in keep})
+    results = []
+    for case in CASES:
+        params = SamplingParams(temperature=0, max_tokens=case["max_tokens"])
+        output = llm.chat(case["messages"], params, use_tqdm=False)[0]
+        results.append(
+            {
+                "name": case["name"],
+                "prompt_token_ids": list(output.prompt_token_ids),
+                "token_ids": list(output.outputs[0].token_ids),
+                "text": output.outputs[0].text,
+            }
+        )
+    with open(out_path, "w") as out:
+        json.dump({"seconds": time.monotonic() - started, "results": results}, out)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
