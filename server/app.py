@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
@@ -101,9 +101,7 @@ def create_app(
             startup.cancel()
             watcher.cancel()
             await state.images.aclose()
-            shutdown = getattr(engine, "shutdown", None)
-            if shutdown is not None:
-                shutdown()
+            engine.shutdown()
 
     app = FastAPI(
         title="gemma-server",
@@ -126,8 +124,7 @@ async def _start_engine(state: AppState) -> None:
         if not tiny_model.is_complete(model.resolved_path):
             log.info("building the tiny Gemma 3 checkpoint at %s (first use)", model.resolved_path)
             await asyncio.to_thread(tiny_model.build_tiny_model, model.resolved_path)
-    start = state.engine.start
-    await start()
+    await state.engine.start()
     await run_self_test(state.chat)
 
 
@@ -246,7 +243,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _error_response(APIError("internal error"))
 
 
-def _error_response(error: APIError, extra_headers: dict[str, str] | None = None) -> Response:
+def _error_response(error: APIError, extra_headers: Mapping[str, str] | None = None) -> Response:
     headers = {**error.headers, **(extra_headers or {})}
     return Response(error.to_json(), status_code=error.status_code, media_type="application/json", headers=headers)
 

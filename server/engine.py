@@ -15,7 +15,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 from vllm import SamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
@@ -159,8 +159,9 @@ class VllmEngine:
             engine_input = await llm.renderer.process_for_engine_async(tokens_prompt, arrival_time=time.time())
         except (ValueError, TypeError, VLLMClientError) as exc:
             raise BadRequestError(f"the images could not be processed: {exc}", param="messages") from exc
-        token_ids = list(engine_input["prompt_token_ids"])
-        placeholders = engine_input.get("mm_placeholders") or {}
+        fields = cast(dict[str, Any], engine_input)
+        token_ids = list(fields["prompt_token_ids"])
+        placeholders = fields.get("mm_placeholders") or {}
         num_image_tokens = sum(p.length for p in placeholders.get("image", ()))
         return PreparedPrompt(token_ids=token_ids, num_image_tokens=num_image_tokens, engine_input=engine_input)
 

@@ -161,6 +161,7 @@ def decode_data_uri(uri: str, max_bytes: int, param: str) -> bytes:
 
 def decode_image(data: bytes, max_pixels: int, param: str) -> Image.Image:
     """Decodes one image to RGB. Blocking: call it in a worker thread."""
+    image: Image.Image
     try:
         image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:

@@ -252,7 +252,7 @@ def _write_weights(out: Path) -> None:
 
     torch.manual_seed(SEED)
     config = Gemma3Config(**model_config())
-    model = Gemma3ForConditionalGeneration(config).to(torch.bfloat16).eval()
+    model = Gemma3ForConditionalGeneration(config).to(torch.bfloat16).eval()  # type: ignore[arg-type]
     tensors: dict[str, torch.Tensor] = {}
     for name, tensor in model.state_dict().items():
         published = _published_tensor_name(name)

