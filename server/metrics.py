@@ -52,6 +52,23 @@ class Metrics:
             "Generation requests admitted and not yet finished (front end and engine).",
             registry=r,
         )
+        self.requests_waiting = Gauge(
+            f"{PREFIX}_requests_waiting",
+            "Generation requests waiting in the front end for an engine slot (not yet in vLLM's queue).",
+            registry=r,
+        )
+        self.queue_time = Histogram(
+            f"{PREFIX}_queue_time_seconds",
+            "Time a generation request waited in the front end before reaching the engine.",
+            buckets=_FAST_BUCKETS,
+            registry=r,
+        )
+        self.rejected = Counter(
+            f"{PREFIX}_rejected_requests",
+            "Requests refused by admission control, by reason (capacity, draining).",
+            ["reason"],
+            registry=r,
+        )
         self.prompt_tokens = Counter(
             f"{PREFIX}_prompt_tokens", "Prompt tokens of finished requests (images included).", registry=r
         )

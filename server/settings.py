@@ -126,6 +126,43 @@ class ServerSettings(_Section):
     engine_startup_timeout_seconds: float = Field(
         1800, gt=0, description="Give up (and exit non-zero) if the engine is not up by then."
     )
+    drain_timeout_seconds: float = Field(
+        30,
+        ge=0,
+        description="On SIGTERM: readiness fails at once, new work is refused, in-flight requests get "
+        "this long to finish, then the rest are aborted and the process exits 0. Keep it below the "
+        "orchestrator's grace period.",
+    )
+    max_body_bytes: int = Field(
+        64 * 2**20, ge=1024, description="Largest request body; larger ones get 413 before being read."
+    )
+
+
+class AdmissionSettings(_Section):
+    max_in_flight: int = Field(
+        64, ge=1, description="Generation requests handed to the engine at once (running or queued there)."
+    )
+    max_waiting: int = Field(
+        256, ge=0, description="Requests allowed to wait in the front end for a slot; beyond it, 429."
+    )
+    max_waiting_prompt_tokens: int = Field(
+        2_000_000, ge=1, description="Prompt tokens allowed to wait in the front end; beyond it, 429."
+    )
+    retry_after_seconds: int = Field(1, ge=0, description="Retry-After sent with 429 and 503.")
+
+
+class AuthSettings(_Section):
+    api_keys: list[str] = Field(
+        default_factory=list,
+        description="Accepted API keys (Authorization: Bearer <key>). Empty and no file: no auth.",
+    )
+    api_keys_file: str | None = Field(
+        None, description="A file with one API key per line (e.g. a mounted Kubernetes Secret)."
+    )
+    metrics_public: bool = Field(True, description="Serve /metrics without a key (for Prometheus).")
+    cors_allow_origins: list[str] = Field(
+        default_factory=list, description="Origins allowed by CORS; empty turns CORS off."
+    )
 
 
 class Settings(BaseSettings):
@@ -142,6 +179,8 @@ class Settings(BaseSettings):
     engine: EngineSettings = Field(default_factory=EngineSettings)
     images: ImageSettings = Field(default_factory=ImageSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
+    admission: AdmissionSettings = Field(default_factory=AdmissionSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Settings:
