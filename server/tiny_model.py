@@ -97,6 +97,9 @@ def model_config() -> dict[str, Any]:
         "eos_token_id": [1, 106],
         "initializer_range": 0.02,
         "torch_dtype": "bfloat16",
+        # As in the published config.json; without a version transformers suspects a Mistral
+        # tokenizer and warns on every load.
+        "transformers_version": "4.50.0.dev0",
     }
 
 
