@@ -16,6 +16,10 @@
 # serving environment never gets the dev group.
 set -eu
 
+# The uv command: `uv` (the image copies the pinned binary in); a machine without it on PATH may
+# name another, e.g. UV="python3 -m uv" (how the Makefile falls back).
+UV="${UV:-uv}"
+
 usage() {
     echo "usage: $0 runtime gpu|cpu | tiny-model DIR" >&2
     exit 2
@@ -28,14 +32,14 @@ case "${1:-}" in
 runtime)
     extra="${2:-}"
     case "$extra" in gpu | cpu) ;; *) usage ;; esac
-    uv sync --frozen --no-dev --no-install-project --extra "$extra"
+    $UV sync --frozen --no-dev --no-install-project --extra "$extra"
     # The environment must import what the server imports before a model is loaded.
     "$UV_PROJECT_ENVIRONMENT/bin/python" -c "import fastapi, uvicorn, prometheus_client, PIL, pydantic_settings, vllm, transformers"
     ;;
 tiny-model)
     out="${2:-}"
     [ -n "$out" ] || usage
-    uv sync --frozen --no-install-project --extra cpu
+    $UV sync --frozen --no-install-project --extra cpu
     "$UV_PROJECT_ENVIRONMENT/bin/python" -m server make-tiny-model "$out"
     ;;
 *)

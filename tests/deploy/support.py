@@ -124,7 +124,7 @@ def parse_dockerfile(text: str) -> Dockerfile:
         if not buffer:
             start = number
         if stripped.endswith("\\"):
-            buffer += stripped[:-1] + " "
+            buffer += stripped[:-1].rstrip() + " "
             continue
         buffer += stripped
         logical.append((start, buffer))
@@ -226,7 +226,7 @@ def dockerignored(relative: str, patterns: list[tuple[bool, str]]) -> bool:
 
 
 # ------------------------------------------------------------------------------------ PromQL ----
-METRIC_TOKEN = re.compile(r"\b(gemma_server_[a-z_]+|vllm:[a-z_:]+|up)\b(?=\s*[{\[)])")
+METRIC_TOKEN = re.compile(r"\b(gemma_server_[a-z0-9_]+|vllm:[a-z0-9_:]+|up)\b(?=\s*[{\[)])")
 _SUFFIXES = ("_bucket", "_count", "_sum", "_total", "_created")
 
 

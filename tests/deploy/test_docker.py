@@ -80,7 +80,7 @@ def test_cpu_image_installs_the_cpu_extra_and_builds_the_tiny_model(dockerfile: 
 
 def test_install_script_uses_the_lock_file_as_the_readme_does() -> None:
     script = (ROOT / "deploy" / "docker" / "install.sh").read_text()
-    syncs = re.findall(r"^\s*uv sync .*$", script, flags=re.M)
+    syncs = re.findall(r"^\s*\$UV sync .*$", script, flags=re.M)
     assert syncs, "install.sh must install with uv sync"
     for line in syncs:
         assert "--frozen" in line, f"not from the lock file: {line}"
