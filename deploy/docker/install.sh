@@ -40,7 +40,8 @@ tiny-model)
     out="${2:-}"
     [ -n "$out" ] || usage
     $UV sync --frozen --no-install-project --extra cpu
-    "$UV_PROJECT_ENVIRONMENT/bin/python" -m server make-tiny-model "$out"
+    # server/tiny_model.py is self-contained (it is all the build stage copies of server/).
+    "$UV_PROJECT_ENVIRONMENT/bin/python" -c 'import sys; from server.tiny_model import build_tiny_model; print(build_tiny_model(sys.argv[1]))' "$out"
     ;;
 *)
     usage
