@@ -74,6 +74,11 @@ class EngineSettings(_Section):
         None, ge=1, description="Token budget per engine step (chunked prefill)."
     )
     enforce_eager: bool = Field(False, description="Skip CUDA graphs / compilation.")
+    constrained_json_whitespace: bool = Field(
+        False,
+        description="Let constrained JSON (response_format, tool calls) contain free whitespace. Off: compact "
+        "JSON, which keeps models from filling their budget with blank lines.",
+    )
     seed: int = Field(0, description="Engine seed for reproducible sampling.")
     extra_args: dict[str, Any] = Field(
         default_factory=dict,
@@ -109,7 +114,14 @@ class ImageSettings(_Section):
     )
     pan_and_scan: bool = Field(
         False,
-        description="Gemma 3's pan-and-scan (extra crops of large or elongated images) by default.",
+        description="Gemma 3's pan-and-scan for images sent with detail high or auto (the default detail): "
+        "large or elongated images get extra crops, each its own image tokens. detail low is always one view.",
+    )
+    pan_and_scan_max_crops: int = Field(
+        4,
+        ge=2,
+        le=16,
+        description="Most pan-and-scan crops per image (each costs as many tokens as the image itself).",
     )
 
 
@@ -135,6 +147,11 @@ class ServerSettings(_Section):
     )
     max_body_bytes: int = Field(
         64 * 2**20, ge=1024, description="Largest request body; larger ones get 413 before being read."
+    )
+    strict_messages: bool = Field(
+        False,
+        description="Refuse (400) chat messages that do not fit Gemma 3's format instead of repairing them "
+        "(merging consecutive turns, moving or merging system messages, inserting a first user turn).",
     )
 
 
