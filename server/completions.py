@@ -20,7 +20,7 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
 from server.chat import SSE_HEADERS, check_model
-from server.errors import APIError, sse_error_event
+from server.errors import APIError, BadRequestError, sse_error_event
 from server.generation import EnginePrompt, EngineStep, PreparedPrompt, SamplingOptions, TokenLogprob
 from server.protocol import CompletionRequest
 from server.responses import (
@@ -52,10 +52,7 @@ class CompletionService:
         check_request_fields(request)
         prompts = request.prompts
         params = ["prompt"] if len(prompts) == 1 else [f"prompt[{i}]" for i in range(len(prompts))]
-        prepared = [
-            await self.runner.prepare(EnginePrompt(token_ids=self._token_ids(p, param)))
-            for p, param in zip(prompts, params, strict=True)
-        ]
+        prepared = [await self._prepare(p, param) for p, param in zip(prompts, params, strict=True)]
         options = [self._sampling_options(request, p, param) for p, param in zip(prepared, params, strict=True)]
         request_id = f"cmpl-{uuid.uuid4().hex}"
         jobs = [(p, o, f"{request_id}-{i}") for i, (p, o) in enumerate(zip(prepared, options, strict=True))]
@@ -71,6 +68,13 @@ class CompletionService:
             http_request, self._complete(request, request_id, prepared, all_steps, usage, echo)
         )
         return Response(body, media_type="application/json")
+
+    async def _prepare(self, prompt: str | list[int], param: str) -> PreparedPrompt:
+        try:
+            return await self.runner.prepare(EnginePrompt(token_ids=self._token_ids(prompt, param)))
+        except BadRequestError as error:
+            error.param = param
+            raise
 
     def _token_ids(self, prompt: str | list[int], param: str) -> list[int]:
         if isinstance(prompt, str):

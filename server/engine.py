@@ -164,7 +164,8 @@ class VllmEngine:
         try:
             engine_input = await llm.renderer.process_for_engine_async(tokens_prompt, arrival_time=time.time())
         except (ValueError, TypeError, VLLMClientError) as exc:
-            raise BadRequestError(f"the images could not be processed: {exc}", param="messages") from exc
+            what = "the images" if prompt.images else "the prompt"
+            raise BadRequestError(f"{what} could not be processed: {exc}", param="messages") from exc
         fields = cast(dict[str, Any], engine_input)
         token_ids = list(fields["prompt_token_ids"])
         placeholders = fields.get("mm_placeholders") or {}

@@ -204,3 +204,22 @@ async def test_request_field_policy(served) -> None:  # type: ignore[no-untyped-
     typo = await http.post("/v1/chat/completions", json={"model": "fake-gemma", "messages": USER, "max_token": 3})
     assert typo.status_code == 400
     assert typo.json()["error"]["param"] == "max_token"
+
+
+async def test_strict_messages_setting_refuses_repairs(tokenizer: Any) -> None:
+    engine = FakeEngine(tokenizer, Scripted())
+
+    async def start() -> None:
+        pass
+
+    settings = Settings(server={"strict_messages": True})  # type: ignore[arg-type]
+    app = create_app(settings, engine=engine, start_engine=start)  # type: ignore[arg-type]
+    transport = httpx.ASGITransport(app=app)
+    async with LifespanManager(app), httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        merged = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+        refused = await http.post("/v1/chat/completions", json={"model": "fake-gemma", "messages": merged})
+        assert refused.status_code == 400
+        assert refused.json()["error"]["code"] == "invalid_conversation"
+        folded = [{"role": "system", "content": "S"}, {"role": "user", "content": "a"}]
+        ok = await http.post("/v1/chat/completions", json={"model": "fake-gemma", "messages": folded})
+        assert ok.status_code == 200 and ok.headers["x-gemma-normalized"] == "system-folded"
