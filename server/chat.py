@@ -99,9 +99,12 @@ class ChatService:
             )
             stream = self._stream(request, plan, prepared, steps, encoder, usage)
             return StreamingResponse(stream, media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
-        body = await cancel_on_disconnect(
-            http_request, self._complete(request, plan, prepared, steps, request_id, usage)
-        )
+        try:
+            body = await cancel_on_disconnect(
+                http_request, self._complete(request, plan, prepared, steps, request_id, usage)
+            )
+        finally:
+            await steps.aclose()  # aborts the engine request if the client went away first
         return Response(body, media_type="application/json", headers=headers)
 
     # ---- preparation (also used by /tokenize) ----------------------------------------------
@@ -217,21 +220,18 @@ class ChatService:
         usage: UsageCounter,
     ) -> bytes:
         results: dict[int, ChatChoiceResult] = {}
-        try:
-            async for step in steps:
-                if step.num_cached_tokens:
-                    usage.cached_tokens = step.num_cached_tokens
-                for delta in step.choices:
-                    result = results.get(delta.index)
-                    if result is None:
-                        result = results[delta.index] = ChatChoiceResult(index=delta.index, text="", finish_reason=None)
-                    result.text += delta.text
-                    result.token_ids.extend(delta.token_ids)
-                    result.finish_reason = delta.finish_reason or result.finish_reason
-                    if delta.logprobs is not None:
-                        result.logprobs = (result.logprobs or []) + delta.logprobs
-        finally:
-            await steps.aclose()
+        async for step in steps:
+            if step.num_cached_tokens:
+                usage.cached_tokens = step.num_cached_tokens
+            for delta in step.choices:
+                result = results.get(delta.index)
+                if result is None:
+                    result = results[delta.index] = ChatChoiceResult(index=delta.index, text="", finish_reason=None)
+                result.text += delta.text
+                result.token_ids.extend(delta.token_ids)
+                result.finish_reason = delta.finish_reason or result.finish_reason
+                if delta.logprobs is not None:
+                    result.logprobs = (result.logprobs or []) + delta.logprobs
         for result in results.values():
             usage.add_completion(result.index, len(result.token_ids))
             if plan.active:

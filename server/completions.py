@@ -64,9 +64,13 @@ class CompletionService:
         if request.stream:
             stream = self._stream(request, request_id, prepared, all_steps, usage, echo)
             return StreamingResponse(stream, media_type="text/event-stream", headers=SSE_HEADERS)
-        body = await cancel_on_disconnect(
-            http_request, self._complete(request, request_id, prepared, all_steps, usage, echo)
-        )
+        try:
+            body = await cancel_on_disconnect(
+                http_request, self._complete(request, request_id, prepared, all_steps, usage, echo)
+            )
+        finally:
+            for steps in all_steps:
+                await steps.aclose()
         return Response(body, media_type="application/json")
 
     async def _prepare(self, prompt: str | list[int], param: str) -> PreparedPrompt:

@@ -240,7 +240,7 @@ class VllmEngine:
                 structured_outputs=structured,
                 output_kind=RequestOutputKind.DELTA if options.stream else RequestOutputKind.FINAL_ONLY,
             )
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, VLLMClientError) as exc:
             raise _bad_request(exc) from exc
 
 

@@ -13,6 +13,8 @@ from server.errors import BadRequestError, ContextLengthExceededError
 from server.generation import SamplingOptions
 from server.protocol import _GenerationRequest
 
+GREEDY_TEMPERATURE = 1e-5  # vLLM decodes greedily below this and then refuses n > 1
+
 
 def max_tokens_for(
     *,
@@ -64,6 +66,10 @@ def sampling_options(
     json_schema: dict[str, Any] | None = None,
     json_object: bool = False,
 ) -> SamplingOptions:
+    if request.n > 1 and request.temperature is not None and request.temperature < GREEDY_TEMPERATURE:
+        raise BadRequestError(
+            "n > 1 needs a temperature above 0: greedy decoding would give n identical choices", param="n"
+        )
     if request.min_tokens > max_tokens:
         raise BadRequestError(
             f"min_tokens ({request.min_tokens}) is larger than the completion budget ({max_tokens})",

@@ -121,10 +121,11 @@ BAD_CHAT_FIELDS: list[tuple[str, dict[str, Any], str]] = [
 BAD_CHAT_FIELDS_SERVER_ONLY: list[tuple[str, dict[str, Any], str]] = [
     ("max_tokens_10_12", {"max_tokens": 10**12}, "max_tokens"),
     ("max_completion_tokens_over_context", {"max_completion_tokens": 8192}, "max_completion_tokens"),
-    ("prompt_plus_max_tokens_over_context", {"max_tokens": 8150}, "messages"),
+    ("prompt_plus_max_tokens_over_context", {"max_tokens": 8190}, "messages"),
     ("logit_bias_out_of_vocabulary", {"logit_bias": {"999999999": 5}}, "logit_bias"),
     ("stop_token_ids_out_of_vocabulary", {"stop_token_ids": [10**8]}, "stop_token_ids"),
     ("min_tokens_over_max_tokens", {"min_tokens": 10, "max_tokens": 5}, "min_tokens"),
+    ("n_with_greedy_decoding", {"n": 2, "temperature": 0}, "n"),
     (
         "response_format_with_required_tool",
         {"tools": [_TOOL], "tool_choice": "required", "response_format": {"type": "json_object"}},
