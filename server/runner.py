@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 from fastapi import Request
 
+from server.errors import APIError
 from server.generation import EngineClient, EnginePrompt, EngineStep, PreparedPrompt, SamplingOptions
 from server.metrics import Metrics
 
@@ -149,6 +150,14 @@ async def merge(iterators: list[AsyncGenerator[T, None]]) -> AsyncGenerator[tupl
                 await iterator.aclose()
 
 
+class ClientClosedRequest(APIError):
+    """The client went away before its response was ready (logged as 499, as nginx does; nobody reads it)."""
+
+    status_code = 499
+    error_type = "client_closed_request"
+    default_code = "client_closed_request"
+
+
 async def cancel_on_disconnect(http_request: Request | None, work: Awaitable[T]) -> T:
     """Runs `work`; if the client disconnects first, cancels it (which aborts the engine request)."""
     if http_request is None:
@@ -163,7 +172,7 @@ async def cancel_on_disconnect(http_request: Request | None, work: Awaitable[T])
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        raise asyncio.CancelledError("client disconnected")
+        raise ClientClosedRequest("the client disconnected")
     finally:
         watcher.cancel()
         if not task.done():
