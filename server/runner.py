@@ -25,7 +25,33 @@ from server.generation import EngineClient, EnginePrompt, EngineStep, PreparedPr
 from server.metrics import Metrics
 
 T = TypeVar("T")
-Steps = AsyncGenerator[EngineStep, None]
+_Generation = AsyncGenerator[EngineStep, None]
+
+
+class Steps:
+    """A generation's steps, the first already received. `aclose()` always reaches the engine
+    (aborting the request if it still runs), even when iteration never began.
+    """
+
+    __slots__ = ("_first", "_rest")
+
+    def __init__(self, first: EngineStep | None, rest: _Generation) -> None:
+        self._first = first
+        self._rest = rest
+
+    def __aiter__(self) -> Steps:
+        return self
+
+    async def __anext__(self) -> EngineStep:
+        first = self._first
+        if first is not None:
+            self._first = None
+            return first
+        return await self._rest.__anext__()
+
+    async def aclose(self) -> None:
+        self._first = None
+        await self._rest.aclose()
 
 
 class EngineRunner:
@@ -59,22 +85,23 @@ class EngineRunner:
         try:
             first = await anext(steps)
         except StopAsyncIteration:
-            return _empty()
+            return Steps(None, steps)
         except BaseException:
             await steps.aclose()
             raise
-        return _prepend(first, steps)
+        return Steps(first, steps)
 
     async def _generate(
         self, prepared: PreparedPrompt, options: SamplingOptions, request_id: str, received: float
-    ) -> Steps:
+    ) -> _Generation:
         # Admission control wraps this body: one slot per generation, chat and completions alike.
         metrics = self.metrics
         metrics.in_flight.inc()
         completion_tokens = 0
         finished = False
+        generation = self.engine.generate(prepared, options, request_id)
         try:
-            async for step in self.engine.generate(prepared, options, request_id):
+            async for step in generation:
                 for choice in step.choices:
                     if not completion_tokens and choice.token_ids:
                         metrics.time_to_first_token.observe(time.perf_counter() - received)
@@ -82,6 +109,10 @@ class EngineRunner:
                 yield step
             finished = True
         finally:
+            # Closing the engine's generator now (not when it is garbage collected) aborts the request.
+            close = getattr(generation, "aclose", None)
+            if close is not None:
+                await close()
             metrics.in_flight.dec()
             if finished:
                 metrics.prompt_tokens.inc(len(prepared.token_ids))
@@ -107,26 +138,12 @@ async def start_all(
     return started
 
 
-async def _prepend(first: EngineStep, rest: Steps) -> Steps:
-    try:
-        yield first
-        async for step in rest:
-            yield step
-    finally:
-        await rest.aclose()
-
-
-async def _empty() -> Steps:
-    return
-    yield  # pragma: no cover
-
-
-async def merge(iterators: list[AsyncGenerator[T, None]]) -> AsyncGenerator[tuple[int, T], None]:
-    """Items of several async iterators as they come, tagged with the iterator's index."""
-    pending: dict[asyncio.Task[T], int] = {}
+async def merge(iterators: list[Steps]) -> AsyncGenerator[tuple[int, EngineStep], None]:
+    """The steps of several generations as they come, tagged with the generation's index."""
+    pending: dict[asyncio.Task[EngineStep], int] = {}
 
     def schedule(index: int) -> None:
-        pending[asyncio.ensure_future(anext(iterators[index]))] = index
+        pending[asyncio.ensure_future(iterators[index].__anext__())] = index
 
     for index in range(len(iterators)):
         schedule(index)
