@@ -88,12 +88,24 @@ class EngineSettings(_Section):
     @field_validator("dtype", mode="before")
     @classmethod
     def _refuse_fp16(cls, value: Any) -> Any:
-        if isinstance(value, str) and value.lower() in {"float16", "fp16", "half"}:
-            raise ValueError(
-                "Gemma 3 must not run in float16: its activations overflow fp16 and the model "
-                "returns empty or garbage text (vLLM #14817). Use bfloat16 (or float32)."
-            )
+        if isinstance(value, str) and value.lower() in _FP16_NAMES:
+            raise ValueError(_FP16_REFUSAL)
         return value
+
+    @field_validator("extra_args")
+    @classmethod
+    def _no_fp16_through_extra_args(cls, value: dict[str, Any]) -> dict[str, Any]:
+        dtype = value.get("dtype")
+        if isinstance(dtype, str) and dtype.lower() in _FP16_NAMES:
+            raise ValueError(_FP16_REFUSAL)
+        return value
+
+
+_FP16_NAMES = {"float16", "fp16", "half", "torch.float16"}
+_FP16_REFUSAL = (
+    "Gemma 3 must not run in float16: its activations overflow fp16 and the model "
+    "returns empty or garbage text (vLLM #14817). Use bfloat16 (or float32)."
+)
 
 
 class ImageSettings(_Section):
