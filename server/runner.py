@@ -109,16 +109,16 @@ class EngineRunner:
                 yield step
             finished = True
         finally:
-            # Closing the engine's generator now (not when it is garbage collected) aborts the request.
-            close = getattr(generation, "aclose", None)
-            if close is not None:
-                await close()
             metrics.in_flight.dec()
             if finished:
                 metrics.prompt_tokens.inc(len(prepared.token_ids))
                 metrics.completion_tokens.inc(completion_tokens)
             else:
                 metrics.aborted.labels("stream_ended_early" if options.stream else "request_ended_early").inc()
+            # Closing the engine's generator now (not when it is garbage collected) aborts the request.
+            close = getattr(generation, "aclose", None)
+            if close is not None:
+                await close()
 
 
 async def start_all(
