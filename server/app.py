@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.chat import ChatService
+from server.completions import CompletionService
 from server.errors import (
     APIError,
     BadRequestError,
@@ -34,9 +35,23 @@ from server.errors import (
 from server.generation import EngineClient
 from server.media import ImageLoader
 from server.metrics import CONTENT_TYPE, Metrics
-from server.protocol import ChatCompletion, ChatCompletionRequest, ErrorResponse, ModelCard, ModelList
+from server.protocol import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    Completion,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+from server.runner import EngineRunner
 from server.selftest import run_self_test
 from server.settings import Settings
+from server.tokenization import TokenizationService
 from server.validation import validation_error_to_api_error
 
 log = logging.getLogger(__name__)
@@ -58,7 +73,10 @@ class AppState:
         self.on_fatal = on_fatal
         self.metrics = Metrics()
         self.images = ImageLoader(settings.images)
-        self.chat = ChatService(settings, engine, self.images, self.metrics)
+        self.runner = EngineRunner(engine, self.metrics)
+        self.chat = ChatService(settings, self.runner, self.images)
+        self.completions = CompletionService(settings, self.runner)
+        self.tokenization = TokenizationService(self.chat)
         self.started_at = int(time.time())
         self.startup_error: str | None = None
         self.self_tested = False
@@ -202,6 +220,23 @@ def _add_routes(app: FastAPI, state: AppState) -> None:
     )
     async def chat_completions(body: ChatCompletionRequest, request: Request, ready: ReadyState) -> Response:
         return await ready.chat.create(body, request)
+
+    @app.post(
+        "/v1/completions",
+        response_model=Completion,
+        responses={**ERROR_RESPONSES, 200: {"content": {"text/event-stream": {}}}},
+        tags=["completions"],
+    )
+    async def completions(body: CompletionRequest, request: Request, ready: ReadyState) -> Response:
+        return await ready.completions.create(body, request)
+
+    @app.post("/tokenize", response_model=TokenizeResponse, responses=ERROR_RESPONSES, tags=["tokenizer"])
+    async def tokenize(body: TokenizeRequest, ready: ReadyState) -> Response:
+        return await ready.tokenization.tokenize(body)
+
+    @app.post("/detokenize", response_model=DetokenizeResponse, responses=ERROR_RESPONSES, tags=["tokenizer"])
+    async def detokenize(body: DetokenizeRequest, ready: ReadyState) -> Response:
+        return await ready.tokenization.detokenize(body)
 
 
 def _model_card(state: AppState) -> dict[str, Any]:

@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 from typing import Any, cast
 
 from vllm import SamplingParams
+from vllm.config import StructuredOutputsConfig
 from vllm.engine.arg_utils import AsyncEngineArgs
-from vllm.exceptions import VLLMClientError
+from vllm.exceptions import VLLMClientError, VLLMValidationError
 from vllm.inputs import TokensPrompt
 from vllm.logprobs import Logprob
 from vllm.outputs import RequestOutput
@@ -62,6 +64,10 @@ def engine_args_from_settings(settings: Settings) -> AsyncEngineArgs:
         "enforce_eager": engine.enforce_eager,
         "seed": engine.seed,
         "limit_mm_per_prompt": {"image": settings.images.max_per_request},
+        # xgrammar: the backend that can keep constrained JSON compact (vLLM allows no "auto" with it).
+        "structured_outputs_config": StructuredOutputsConfig(
+            backend="xgrammar", disable_any_whitespace=not engine.constrained_json_whitespace
+        ),
         "disable_log_stats": False,  # keeps the vllm:* Prometheus metrics
         "enable_log_requests": False,
     }
@@ -158,7 +164,8 @@ class VllmEngine:
         try:
             engine_input = await llm.renderer.process_for_engine_async(tokens_prompt, arrival_time=time.time())
         except (ValueError, TypeError, VLLMClientError) as exc:
-            raise BadRequestError(f"the images could not be processed: {exc}", param="messages") from exc
+            what = "the images" if prompt.images else "the prompt"
+            raise BadRequestError(f"{what} could not be processed: {exc}", param="messages") from exc
         fields = cast(dict[str, Any], engine_input)
         token_ids = list(fields["prompt_token_ids"])
         placeholders = fields.get("mm_placeholders") or {}
@@ -170,17 +177,20 @@ class VllmEngine:
     ) -> AsyncIterator[EngineStep]:
         llm = self._require()
         params = self._sampling_params(options)
+        want_logprobs = options.logprobs is not None
+        want_prompt_logprobs = options.prompt_logprobs is not None
         try:
             async for output in llm.generate(prompt.engine_input, params, request_id):
-                yield _step_from_output(output, want_logprobs=options.logprobs is not None)
+                yield _step_from_output(output, want_logprobs=want_logprobs, want_prompt_logprobs=want_prompt_logprobs)
+                want_prompt_logprobs = False  # they come with the first output only
         except EngineDeadError as exc:
             raise ServiceUnavailableError("the inference engine has stopped") from exc
         except VLLMClientError as exc:
-            raise BadRequestError(str(exc)) from exc
+            raise _bad_request(exc) from exc
         except EngineGenerateError as exc:
             cause = exc.__cause__
             if isinstance(cause, (ValueError, VLLMClientError)):
-                raise BadRequestError(str(cause)) from exc
+                raise _bad_request(cause) from exc
             raise EngineError("the engine failed to generate a response") from exc
 
     async def abort(self, request_id: str) -> None:
@@ -223,17 +233,29 @@ class VllmEngine:
                 max_tokens=options.max_tokens,
                 min_tokens=options.min_tokens,
                 logprobs=options.logprobs,
+                prompt_logprobs=options.prompt_logprobs,
                 logit_bias=options.logit_bias,
                 skip_special_tokens=options.skip_special_tokens,
                 include_stop_str_in_output=options.include_stop_str_in_output,
                 structured_outputs=structured,
                 output_kind=RequestOutputKind.DELTA if options.stream else RequestOutputKind.FINAL_ONLY,
             )
-        except (ValueError, TypeError) as exc:
-            raise BadRequestError(str(exc)) from exc
+        except (ValueError, TypeError, VLLMClientError) as exc:
+            raise _bad_request(exc) from exc
 
 
-def _step_from_output(output: RequestOutput, *, want_logprobs: bool) -> EngineStep:
+def _bad_request(exc: BaseException) -> BadRequestError:
+    """A request error from vLLM, naming the parameter when vLLM says which one it was."""
+    param = exc.parameter if isinstance(exc, VLLMValidationError) else None
+    message = exc.args[0] if isinstance(exc, VLLMValidationError) and exc.args else str(exc)
+    return BadRequestError(_LOG_PREFIX.sub("", str(message)), param=param)
+
+
+# xgrammar puts "[12:34:56] /path/file.cc:123: " in front of its messages.
+_LOG_PREFIX = re.compile(r"\[\d\d:\d\d:\d\d\] \S+:\d+: ")
+
+
+def _step_from_output(output: RequestOutput, *, want_logprobs: bool, want_prompt_logprobs: bool = False) -> EngineStep:
     choices = [
         ChoiceDelta(
             index=completion.index,
@@ -250,7 +272,16 @@ def _step_from_output(output: RequestOutput, *, want_logprobs: bool) -> EngineSt
         finished=output.finished,
         prompt_token_ids=output.prompt_token_ids,
         num_cached_tokens=output.num_cached_tokens or 0,
+        prompt_logprobs=_prompt_logprobs(output) if want_prompt_logprobs else None,
     )
+
+
+def _prompt_logprobs(output: RequestOutput) -> list[TokenLogprob | None] | None:
+    if output.prompt_logprobs is None or output.prompt_token_ids is None:
+        return None
+    first, *rest = output.prompt_logprobs
+    scored = _logprobs(output.prompt_token_ids[1:], rest) or []
+    return [None, *scored] if first is None else [*(_logprobs(output.prompt_token_ids[:1], [first]) or []), *scored]
 
 
 def _logprobs(token_ids: Any, logprobs: Any) -> list[TokenLogprob] | None:

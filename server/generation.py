@@ -52,6 +52,7 @@ class SamplingOptions:
     ignore_eos: bool = False
     min_tokens: int = 0
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     logit_bias: dict[int, float] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
@@ -89,6 +90,9 @@ class EngineStep:
     finished: bool
     prompt_token_ids: list[int] | None = None
     num_cached_tokens: int = 0
+    # With SamplingOptions.prompt_logprobs: one entry per prompt token (None for the first), in the
+    # first step only.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 class EngineClient(Protocol):

@@ -74,6 +74,11 @@ class EngineSettings(_Section):
         None, ge=1, description="Token budget per engine step (chunked prefill)."
     )
     enforce_eager: bool = Field(False, description="Skip CUDA graphs / compilation.")
+    constrained_json_whitespace: bool = Field(
+        False,
+        description="Let constrained JSON (response_format, tool calls) contain free whitespace. Off: compact "
+        "JSON, which keeps models from filling their budget with blank lines.",
+    )
     seed: int = Field(0, description="Engine seed for reproducible sampling.")
     extra_args: dict[str, Any] = Field(
         default_factory=dict,
@@ -83,12 +88,24 @@ class EngineSettings(_Section):
     @field_validator("dtype", mode="before")
     @classmethod
     def _refuse_fp16(cls, value: Any) -> Any:
-        if isinstance(value, str) and value.lower() in {"float16", "fp16", "half"}:
-            raise ValueError(
-                "Gemma 3 must not run in float16: its activations overflow fp16 and the model "
-                "returns empty or garbage text (vLLM #14817). Use bfloat16 (or float32)."
-            )
+        if isinstance(value, str) and value.lower() in _FP16_NAMES:
+            raise ValueError(_FP16_REFUSAL)
         return value
+
+    @field_validator("extra_args")
+    @classmethod
+    def _no_fp16_through_extra_args(cls, value: dict[str, Any]) -> dict[str, Any]:
+        dtype = value.get("dtype")
+        if isinstance(dtype, str) and dtype.lower() in _FP16_NAMES:
+            raise ValueError(_FP16_REFUSAL)
+        return value
+
+
+_FP16_NAMES = {"float16", "fp16", "half", "torch.float16"}
+_FP16_REFUSAL = (
+    "Gemma 3 must not run in float16: its activations overflow fp16 and the model "
+    "returns empty or garbage text (vLLM #14817). Use bfloat16 (or float32)."
+)
 
 
 class ImageSettings(_Section):
@@ -109,7 +126,14 @@ class ImageSettings(_Section):
     )
     pan_and_scan: bool = Field(
         False,
-        description="Gemma 3's pan-and-scan (extra crops of large or elongated images) by default.",
+        description="Gemma 3's pan-and-scan for images sent with detail high or auto (the default detail): "
+        "large or elongated images get extra crops, each its own image tokens. detail low is always one view.",
+    )
+    pan_and_scan_max_crops: int = Field(
+        4,
+        ge=2,
+        le=16,
+        description="Most pan-and-scan crops per image (each costs as many tokens as the image itself).",
     )
 
 
@@ -135,6 +159,11 @@ class ServerSettings(_Section):
     )
     max_body_bytes: int = Field(
         64 * 2**20, ge=1024, description="Largest request body; larger ones get 413 before being read."
+    )
+    strict_messages: bool = Field(
+        False,
+        description="Refuse (400) chat messages that do not fit Gemma 3's format instead of repairing them "
+        "(merging consecutive turns, moving or merging system messages, inserting a first user turn).",
     )
 
 

@@ -7,10 +7,17 @@ even for a request with thousands of errors.
 
 from __future__ import annotations
 
+import logging
+import re
 from collections.abc import Sequence
 from typing import Any
 
+from pydantic import BaseModel
+
 from server.errors import BadRequestError
+from server.protocol import IGNORED_OPENAI_FIELDS, REFUSED_OPENAI_FIELDS
+
+log = logging.getLogger(__name__)
 
 # Messages for the error types a client most often meets, clearer than pydantic's defaults.
 _FRIENDLY = {
@@ -69,17 +76,47 @@ def validation_error_to_api_error(errors: Sequence[dict[str, Any]]) -> BadReques
 
 
 def _without_union_members(location: tuple[Any, ...]) -> tuple[Any, ...]:
-    """Removes the tags pydantic inserts for discriminated unions ("user", "image_url", "str", ...)."""
+    """Removes the names pydantic inserts for union members ("user", "str", "NamedToolChoice", ...).
+
+    Request fields are snake_case; anything else in a location (type names, literal[...]) is pydantic's.
+    """
     cleaned: list[Any] = []
     for index, part in enumerate(location):
         previous = location[index - 1] if index else None
         if isinstance(part, str) and (
-            part in _UNION_MEMBER_NAMES or (isinstance(previous, int) and part in _PART_TAGS)
+            part in _UNION_MEMBER_NAMES
+            or not _FIELD_NAME.fullmatch(part)
+            or (isinstance(previous, int) and part in _PART_TAGS)
         ):
             continue
         cleaned.append(part)
     return tuple(cleaned)
 
 
-_UNION_MEMBER_NAMES = {"str", "list[TextPart]", "list[tagged-union[TextPart,ImagePart]]", "int", "float", "bool"}
+_FIELD_NAME = re.compile(r"[a-z_][a-z0-9_]*")
+_UNION_MEMBER_NAMES = {"str", "int", "float", "bool", "list", "dict"}
 _PART_TAGS = {"text", "image_url", "system", "developer", "user", "assistant", "tool"}
+_logged_ignored_fields: set[str] = set()
+
+
+def check_request_fields(request: BaseModel) -> list[str]:
+    """Applies the policy on unknown top-level fields (see `server/protocol.py`).
+
+    Returns the OpenAI fields that are accepted and ignored; raises a 400 naming any other unknown
+    field, and for the OpenAI fields this server refuses.
+    """
+    extra = request.model_extra or {}
+    ignored: list[str] = []
+    for name, value in extra.items():
+        if name in IGNORED_OPENAI_FIELDS or (name in REFUSED_OPENAI_FIELDS and value is None):
+            ignored.append(name)
+            if name not in _logged_ignored_fields:
+                _logged_ignored_fields.add(name)
+                log.info("ignoring the OpenAI request field %r (no meaning for this server)", name)
+        elif name in REFUSED_OPENAI_FIELDS:
+            raise BadRequestError(REFUSED_OPENAI_FIELDS[name], param=name, code="unsupported_parameter")
+        else:
+            raise BadRequestError(
+                f"Unrecognized request argument supplied: {name[:64]}", param=name[:64], code="unknown_parameter"
+            )
+    return ignored

@@ -17,9 +17,13 @@ import pytest
 
 from tests.support.image_host import ImageHost
 from tests.support.live_server import ROOT, LiveServer
+from tests.support.vllm_peer import VllmPeer
 
 TINY_MODEL_DIR = Path(os.path.expanduser("~/.cache/gemma-server/tiny-gemma3"))
 SERVED_MODEL = "tiny-gemma3"
+# Settings of the shared live server that differ from config/tiny.yaml, also given to the offline
+# oracle so both build prompts alike: detail high/auto run Gemma 3's pan-and-scan.
+LIVE_SERVER_SETTINGS_ENV = {"GEMMA_SERVER_IMAGES__PAN_AND_SCAN": "true"}
 
 
 @pytest.fixture(scope="session")
@@ -49,6 +53,7 @@ def offline_oracle_process(
         process = subprocess.Popen(
             [sys.executable, "-m", "tests.support.offline_oracle", str(out_path)],
             cwd=ROOT,
+            env={**os.environ, **LIVE_SERVER_SETTINGS_ENV},
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -71,17 +76,43 @@ def oracle_results(offline_oracle_process: tuple[subprocess.Popen[bytes], Path, 
 
 
 @pytest.fixture(scope="session")
+def vllm_peer_process(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmPeer]:
+    """vLLM's own OpenAI server on the tiny model, started early so it overlaps the server's start."""
+    peer = VllmPeer(tiny_model_dir, SERVED_MODEL, tmp_path_factory.mktemp("vllm-peer") / "peer.log").start()
+    yield peer
+    peer.stop()
+
+
+@pytest.fixture(scope="session")
+def vllm_peer(vllm_peer_process: VllmPeer) -> str:
+    """The base URL of vLLM's server, once it answers."""
+    vllm_peer_process.wait_ready()
+    print(f"\nvLLM's server ready in {vllm_peer_process.ready_after:.1f} s (log: {vllm_peer_process.log_path})")
+    return vllm_peer_process.base_url
+
+
+@pytest.fixture(scope="session")
 def live_server(
     tiny_model_dir: Path,
     image_host: ImageHost,
-    offline_oracle_process: object,
     tmp_path_factory: pytest.TempPathFactory,
+    request: pytest.FixtureRequest,
 ) -> Iterator[LiveServer]:
-    """The server on the tiny model, reachable image host allow-listed (private networks otherwise off)."""
+    """The server on the tiny model, reachable image host allow-listed (private networks otherwise off).
+
+    The references the selected tests need (the offline oracle, vLLM's server) start first, so their
+    start-up overlaps ours; the others are not started at all (each engine costs 3-5 GB of RAM).
+    """
+    selected = {name for item in request.session.items for name in item.fixturenames}
+    if "oracle_results" in selected:
+        request.getfixturevalue("offline_oracle_process")
+    if "vllm_peer" in selected:
+        request.getfixturevalue("vllm_peer_process")
     log_path = tmp_path_factory.mktemp("live-server") / "server.log"
     env = {
         "GEMMA_SERVER_IMAGES__PRIVATE_NETWORK_ALLOWLIST": f'["127.0.0.1:{image_host.port}"]',
         "GEMMA_SERVER_SERVER__LOG_LEVEL": "info",
+        **LIVE_SERVER_SETTINGS_ENV,
     }
     server = LiveServer(log_path, env).start()
     try:

@@ -21,7 +21,8 @@ def main(out_path: str) -> None:
     from tests.support.live_server import TINY_CONFIG
 
     started = time.monotonic()
-    args = engine_args_from_settings(load_settings(TINY_CONFIG))
+    settings = load_settings(TINY_CONFIG)  # with the live server's environment (pan-and-scan on)
+    args = engine_args_from_settings(settings)
     keep = (
         "model",
         "dtype",
@@ -36,7 +37,19 @@ def main(out_path: str) -> None:
     results = []
     for case in CASES:
         params = SamplingParams(temperature=0, max_tokens=case["max_tokens"])
-        output = llm.chat(case["messages"], params, use_tqdm=False)[0]
+        # The server asks for pan-and-scan when an image has detail high/auto (every image here).
+        has_images = any(
+            part.get("type") == "image_url"
+            for m in case["messages"]
+            if isinstance(m["content"], list)
+            for part in m["content"]
+        )
+        mm_kwargs = (
+            {"do_pan_and_scan": True, "pan_and_scan_max_num_crops": settings.images.pan_and_scan_max_crops}
+            if settings.images.pan_and_scan and has_images
+            else None
+        )
+        output = llm.chat(case["messages"], params, use_tqdm=False, mm_processor_kwargs=mm_kwargs)[0]
         results.append(
             {
                 "name": case["name"],

@@ -65,12 +65,12 @@ def test_assistant_turns_are_model_turns(tokenizer) -> None:  # type: ignore[no-
     assert "<start_of_turn>model\nHello<end_of_turn>\n" in text
 
 
-def test_roles_that_do_not_alternate_are_a_400(tokenizer) -> None:  # type: ignore[no-untyped-def]
-    conversation = conversation_for_template(
-        _messages({"role": "user", "content": "a"}, {"role": "user", "content": "b"})
-    )
-    with pytest.raises(BadRequestError, match="alternate"):
-        render_prompt(tokenizer, conversation)
+def test_roles_that_do_not_alternate_are_merged_or_refused_in_strict_mode(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    messages = _messages({"role": "user", "content": "a"}, {"role": "user", "content": "b"})
+    text, _ = render_prompt(tokenizer, conversation_for_template(messages))
+    assert "<start_of_turn>user\na\n\nb<end_of_turn>" in text
+    with pytest.raises(BadRequestError, match="merged-user-turns"):
+        conversation_for_template(messages, strict=True)
 
 
 def test_images_outside_user_turns_are_refused() -> None:

@@ -49,6 +49,11 @@ def test_fp16_is_refused_with_an_explanation(dtype: str, monkeypatch: pytest.Mon
         load_settings(ROOT / "config" / "tiny.yaml")
 
 
+def test_fp16_cannot_sneak_in_through_extra_args() -> None:
+    with pytest.raises(ValidationError, match="float16"):
+        load_settings(ROOT / "config" / "tiny.yaml", engine={"extra_args": {"dtype": "half"}})
+
+
 def test_unknown_keys_are_refused(tmp_path: Path) -> None:
     config = tmp_path / "bad.yaml"
     config.write_text("engine:\n  max_model_length: 10\n")

@@ -1,0 +1,107 @@
+"""One request's sampling fields -> `SamplingOptions`, with the checks that need the prompt or vocabulary.
+
+Shared by chat and text completions. Pydantic (`server/protocol.py`) has already bounded every field
+on its own; this adds what depends on the model: the context length (a 400
+`context_length_exceeded` before any generation), and token ids that must exist in the vocabulary.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from server.errors import BadRequestError, ContextLengthExceededError
+from server.generation import SamplingOptions
+from server.protocol import _GenerationRequest
+
+GREEDY_TEMPERATURE = 1e-5  # vLLM decodes greedily below this and then refuses n > 1
+
+
+def max_tokens_for(
+    *,
+    requested: int | None,
+    requested_param: str,
+    prompt_tokens: int,
+    image_tokens: int,
+    max_model_len: int,
+    default_max_tokens: int | None,
+    prompt_param: str,
+) -> int:
+    """The completion budget; a 400 when the prompt plus the request cannot fit the context."""
+    if requested is not None and requested >= max_model_len:
+        raise BadRequestError(
+            f"{requested_param} is too large: {requested}. This model's maximum context length is "
+            f"{max_model_len} tokens (prompt and completion together).",
+            param=requested_param,
+            code="invalid_value",
+        )
+    room = max_model_len - prompt_tokens
+    if room < 1 or (requested is not None and requested > room):
+        images = f" ({image_tokens} of them for images)" if image_tokens else ""
+        raise ContextLengthExceededError(
+            f"This model's maximum context length is {max_model_len} tokens. The prompt has "
+            f"{prompt_tokens} tokens{images} and {requested or 1} completion tokens were requested "
+            f"({prompt_tokens + (requested or 1)} in all).",
+            param=prompt_param,
+        )
+    if requested is not None:
+        return requested
+    return min(room, default_max_tokens or room)
+
+
+def check_token_ids(ids: Any, vocab_size: int, param: str) -> None:
+    bad = [token for token in ids if not 0 <= token < vocab_size]
+    if bad:
+        raise BadRequestError(
+            f"token id(s) {bad[:5]} are outside the vocabulary (0..{vocab_size - 1})", param=param, code="invalid_value"
+        )
+
+
+def sampling_options(
+    request: _GenerationRequest,
+    *,
+    max_tokens: int,
+    vocab_size: int,
+    logprobs: int | None = None,
+    prompt_logprobs: int | None = None,
+    json_schema: dict[str, Any] | None = None,
+    json_object: bool = False,
+) -> SamplingOptions:
+    if request.n > 1 and request.temperature is not None and request.temperature < GREEDY_TEMPERATURE:
+        raise BadRequestError(
+            "n > 1 needs a temperature above 0: greedy decoding would give n identical choices", param="n"
+        )
+    if request.min_tokens > max_tokens:
+        raise BadRequestError(
+            f"min_tokens ({request.min_tokens}) is larger than the completion budget ({max_tokens})",
+            param="min_tokens",
+            code="invalid_value",
+        )
+    logit_bias = request.logit_bias_ids
+    if logit_bias:
+        check_token_ids(logit_bias, vocab_size, "logit_bias")
+    if request.stop_token_ids:
+        check_token_ids(request.stop_token_ids, vocab_size, "stop_token_ids")
+    return SamplingOptions(
+        max_tokens=max_tokens,
+        n=request.n,
+        temperature=request.temperature,
+        top_p=request.top_p,
+        top_k=request.top_k,
+        min_p=request.min_p,
+        presence_penalty=request.presence_penalty,
+        frequency_penalty=request.frequency_penalty,
+        repetition_penalty=request.repetition_penalty,
+        seed=request.seed,
+        stop=request.stop_sequences,
+        stop_token_ids=list(request.stop_token_ids or ()),
+        ignore_eos=request.ignore_eos,
+        min_tokens=request.min_tokens,
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
+        logit_bias=logit_bias,
+        skip_special_tokens=request.skip_special_tokens,
+        include_stop_str_in_output=request.include_stop_str_in_output,
+        json_schema=json_schema,
+        json_object=json_object,
+        stream=request.stream,
+    )

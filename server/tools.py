@@ -1,0 +1,364 @@
+"""Function calling for Gemma 3, which has no tool tokens: prompt format, constraints and parsing.
+
+The format (one place defines it; the prompt, the history and the parser agree on it):
+- The tool definitions are described in the system text, which Gemma 3's template folds into the
+  first user turn (`tools_prompt`): one JSON object per function, and the instruction to answer a
+  call with only `{"name": ..., "arguments": {...}}`, or a JSON list of those for several calls.
+- Earlier assistant `tool_calls` are written back into the model's turn in that same JSON form
+  (`render_tool_calls`); `tool` results become user turns with a ```tool_output block
+  (`render_tool_result`).
+- `tool_choice` "required" or a named function constrains decoding to a JSON Schema that only
+  admits a call (or a list of calls) of the declared functions with arguments valid against their
+  schemas (`ToolPlan.constraint`). "auto" leaves the model free; `parse_tool_calls` then recognizes
+  a call in the text: a JSON object/list as above (also inside a ``` fence), or Python-call style
+  `get_weather(city="Paris")`, `[f(a=1), g(b=2)]`, `print(f(a=1))` in a ```tool_code fence.
+- `ToolCallExtractor` does the same while streaming: text that cannot be a call is streamed as
+  content at once; from the first sign of a call (`{`, `[`, a fence, a function's name) it holds
+  the text back until the choice ends, then emits the calls, or the held text as content if no
+  call parses.
+
+Arguments are returned as JSON text (OpenAI's `function.arguments`). Only declared function names
+are accepted; in "auto" mode arguments are not checked against the schema (constrained modes
+guarantee it).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from server.protocol import ChatCompletionRequest, FunctionDefinition, NamedToolChoice, Tool, ToolCall
+
+MAX_PARALLEL_CALLS = 16
+_FENCE = re.compile(r"```[ \t]*(?:json|tool_code|tool_call|python|py)?[ \t]*\n?(.*?)```", re.DOTALL)
+_EMPTY_OBJECT_SCHEMA: dict[str, Any] = {"type": "object", "properties": {}}
+
+
+@dataclass(slots=True)
+class ParsedCall:
+    name: str
+    arguments: str  # JSON text
+    id: str = field(default_factory=lambda: f"call_{uuid.uuid4().hex[:24]}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+
+
+@dataclass(slots=True)
+class ToolPlan:
+    """What a request's `tools`/`tool_choice` mean for the prompt, the sampling and the output."""
+
+    mode: str  # "none", "auto", "required" or "named"
+    functions: dict[str, FunctionDefinition] = field(default_factory=dict)
+    prompt_text: str | None = None
+    constraint: dict[str, Any] | None = None  # a JSON Schema for constrained decoding
+    parallel: bool = True
+
+    @property
+    def active(self) -> bool:
+        return self.mode != "none"
+
+
+def plan_tools(
+    tools: list[Tool] | None, tool_choice: str | NamedToolChoice | None, *, parallel: bool = True
+) -> ToolPlan:
+    if not tools or tool_choice == "none":
+        return ToolPlan("none")
+    functions = {tool.function.name: tool.function for tool in tools}
+    if isinstance(tool_choice, NamedToolChoice):
+        chosen = functions[tool_choice.function.name]
+        return ToolPlan(
+            "named",
+            functions,
+            tools_prompt(list(functions.values()), must_call=chosen.name, parallel=False),
+            call_schema([chosen], parallel=False),
+            parallel=False,
+        )
+    if tool_choice == "required":
+        return ToolPlan(
+            "required",
+            functions,
+            tools_prompt(list(functions.values()), must_call="", parallel=parallel),
+            call_schema(list(functions.values()), parallel=parallel),
+            parallel,
+        )
+    return ToolPlan("auto", functions, tools_prompt(list(functions.values()), parallel=parallel), None, parallel)
+
+
+def plan_for_request(request: ChatCompletionRequest) -> ToolPlan:
+    return plan_tools(request.tools, request.tool_choice, parallel=request.parallel_tool_calls)
+
+
+# ---- prompt -----------------------------------------------------------------------------------
+
+
+def tools_prompt(functions: list[FunctionDefinition], *, must_call: str | None = None, parallel: bool = True) -> str:
+    """The tool section of the system text. `must_call`: "" = some function, a name = that one."""
+    lines = [
+        "You can call the functions described below, one JSON object per function.",
+        'To call a function, answer with only a JSON object {"name": <function name>, "arguments": '
+        "<object of arguments>}"
+        + ("; to call several at once, answer with only a JSON list of such objects." if parallel else ".")
+        + " The results will be given back to you in the next turn.",
+    ]
+    if must_call:
+        lines.append(f"You must call the function {must_call} now.")
+    elif must_call == "":
+        lines.append("You must call at least one function now.")
+    else:
+        lines.append("If no function is needed, answer normally.")
+    lines.append("")
+    for function in functions:
+        spec: dict[str, Any] = {"name": function.name}
+        if function.description:
+            spec["description"] = function.description
+        spec["parameters"] = function.parameters or _EMPTY_OBJECT_SCHEMA
+        lines.append(json.dumps(spec, ensure_ascii=False))
+    return "\n".join(lines)
+
+
+def render_tool_calls(calls: list[ToolCall]) -> str:
+    """Earlier calls, as the model's text in the format the prompt asks for."""
+    rendered = [{"name": call.function.name, "arguments": _arguments_value(call.function.arguments)} for call in calls]
+    return json.dumps(rendered[0] if len(rendered) == 1 else rendered, ensure_ascii=False)
+
+
+def render_tool_result(name: str, content: str) -> str:
+    return f"Result of {name}:\n```tool_output\n{content.strip()}\n```"
+
+
+def _arguments_value(arguments: str) -> Any:
+    try:
+        return json.loads(arguments)
+    except ValueError:
+        return arguments  # keep what the client sent rather than refuse its history
+
+
+# ---- constrained decoding ---------------------------------------------------------------------
+
+
+def call_schema(functions: list[FunctionDefinition], *, parallel: bool) -> dict[str, Any]:
+    """A JSON Schema that admits only calls of `functions` with valid arguments.
+
+    Each function's `$defs`/`definitions` move to the root under a per-function prefix (their
+    `$ref`s rewritten), since the parameters schema is no longer the root.
+    """
+    defs: dict[str, Any] = {}
+    single: list[dict[str, Any]] = []
+    for index, function in enumerate(functions):
+        parameters, own_defs = _hoist_definitions(function.parameters or _EMPTY_OBJECT_SCHEMA, f"f{index}_")
+        defs.update(own_defs)
+        single.append(
+            {
+                "type": "object",
+                "properties": {"name": {"const": function.name}, "arguments": parameters},
+                "required": ["name", "arguments"],
+                "additionalProperties": False,
+            }
+        )
+    one: dict[str, Any] = single[0] if len(single) == 1 else {"anyOf": single}
+    schema: dict[str, Any] = (
+        {"anyOf": [one, {"type": "array", "items": one, "minItems": 1, "maxItems": MAX_PARALLEL_CALLS}]}
+        if parallel
+        else dict(one)
+    )
+    if defs:
+        schema["$defs"] = defs
+    return schema
+
+
+def _hoist_definitions(schema: dict[str, Any], prefix: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    schema = dict(schema)
+    defs: dict[str, Any] = {}
+    for key in ("$defs", "definitions"):
+        for name, value in (schema.pop(key, None) or {}).items():
+            defs[prefix + name] = value
+    if not defs:
+        return schema, {}
+
+    def rewrite(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {
+                k: (_rewrite_ref(v, prefix) if k == "$ref" and isinstance(v, str) else rewrite(v))
+                for k, v in value.items()
+            }
+        if isinstance(value, list):
+            return [rewrite(v) for v in value]
+        return value
+
+    return rewrite(schema), {name: rewrite(value) for name, value in defs.items()}
+
+
+def _rewrite_ref(ref: str, prefix: str) -> str:
+    for root in ("#/$defs/", "#/definitions/"):
+        if ref.startswith(root):
+            return "#/$defs/" + prefix + ref[len(root) :]
+    return ref
+
+
+# ---- parsing ----------------------------------------------------------------------------------
+
+
+def parse_tool_calls(body: str, functions: dict[str, FunctionDefinition]) -> list[ParsedCall] | None:
+    """Calls written as JSON or as Python calls; None when `body` is not (only) calls of `functions`."""
+    body = body.strip()
+    if not body:
+        return None
+    if body[0] in "{[":
+        calls = _json_calls(body, functions)
+        if calls is not None or body[0] == "{":
+            return calls
+    return _python_calls(body, functions)
+
+
+def _json_calls(body: str, functions: dict[str, FunctionDefinition]) -> list[ParsedCall] | None:
+    try:
+        value = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    items = value if isinstance(value, list) else [value]
+    calls = []
+    for item in items:
+        if not isinstance(item, dict) or set(item) - {"name", "arguments", "parameters"}:
+            return None
+        name = item.get("name")
+        arguments = item.get("arguments", item.get("parameters", {}))
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except ValueError:
+                return None
+        if not isinstance(name, str) or name not in functions or not isinstance(arguments, dict):
+            return None
+        calls.append(ParsedCall(name, json.dumps(arguments, ensure_ascii=False)))
+    return calls or None
+
+
+def _python_calls(body: str, functions: dict[str, FunctionDefinition]) -> list[ParsedCall] | None:
+    try:
+        tree = ast.parse(body, mode="eval").body
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return None
+    if _is_call(tree, "print") and len(tree.args) == 1 and not tree.keywords:  # type: ignore[attr-defined]
+        tree = tree.args[0]  # type: ignore[attr-defined]
+    nodes = tree.elts if isinstance(tree, (ast.List, ast.Tuple)) else [tree]
+    calls = []
+    for node in nodes:
+        if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name) or node.func.id not in functions:
+            return None
+        arguments = _python_arguments(node, functions[node.func.id])
+        if arguments is None:
+            return None
+        calls.append(ParsedCall(node.func.id, json.dumps(arguments, ensure_ascii=False)))
+    return calls or None
+
+
+def _is_call(node: ast.expr, name: str) -> bool:
+    return isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == name
+
+
+def _python_arguments(node: ast.Call, function: FunctionDefinition) -> dict[str, Any] | None:
+    names = list(((function.parameters or {}).get("properties") or {}).keys())
+    if len(node.args) > len(names):
+        return None
+    arguments: dict[str, Any] = {}
+    try:
+        for name, value in zip(names, node.args, strict=False):
+            arguments[name] = _literal(value)
+        for keyword in node.keywords:
+            if keyword.arg is None:
+                return None
+            arguments[keyword.arg] = _literal(keyword.value)
+    except ValueError:
+        return None
+    return arguments
+
+
+_NAMED_CONSTANTS = {"true": True, "false": False, "null": None, "True": True, "False": False, "None": None}
+
+
+def _literal(node: ast.expr) -> Any:
+    """A JSON-like literal (also true/false/null as JSON writes them)."""
+    if isinstance(node, ast.Name) and node.id in _NAMED_CONSTANTS:
+        return _NAMED_CONSTANTS[node.id]
+    if isinstance(node, (ast.List, ast.Tuple)):
+        return [_literal(item) for item in node.elts]
+    if isinstance(node, ast.Dict):
+        result = {}
+        for key, value in zip(node.keys, node.values, strict=True):
+            if key is None:
+                raise ValueError("dict unpacking")
+            result[str(_literal(key))] = _literal(value)
+        return result
+    value = ast.literal_eval(node)
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    raise ValueError("not a JSON value")
+
+
+# ---- streaming --------------------------------------------------------------------------------
+
+
+class ToolCallExtractor:
+    """Splits one choice's output into content and tool calls, as it arrives.
+
+    `feed(text)` returns the text that can be sent as content now; `finish()` returns the rest of the
+    content and the calls. Non-streaming responses use the same object, so both agree.
+    """
+
+    def __init__(self, plan: ToolPlan) -> None:
+        self.plan = plan
+        self.text = ""
+        self.emitted = 0
+        # Constrained output is nothing but the call: hold it all.
+        self.held_from: int | None = 0 if plan.constraint is not None else None
+        self._decided = plan.constraint is not None
+        self._call_starts = [name + "(" for name in plan.functions] + ["print("]
+
+    def feed(self, delta: str) -> str:
+        self.text += delta
+        if self.held_from is not None:
+            return ""
+        text = self.text
+        if not self._decided:
+            head = text.lstrip()
+            if not head:
+                return ""  # only whitespace so far
+            if head[0] in "{[`" or any(head.startswith(start) for start in self._call_starts):
+                self.held_from = len(text) - len(head)
+                return ""
+            if any(start.startswith(head) for start in self._call_starts):
+                return ""  # a function's name so far: could still become a call
+            self._decided = True
+        fence = text.find("```", self.emitted)
+        if fence >= 0:
+            self.held_from = fence
+            end = fence
+        else:
+            end = max(self.emitted, len(text.rstrip("`")))  # a partial fence at the end waits
+        piece = text[self.emitted : end]
+        self.emitted = end
+        return piece
+
+    def finish(self) -> tuple[str, list[ParsedCall]]:
+        text = self.text
+        if self.held_from is None:
+            rest = text[self.emitted :]
+            self.emitted = len(text)
+            return rest, []
+        held = text[self.held_from :]
+        before = text[self.emitted : self.held_from]
+        calls = parse_tool_calls(held, self.plan.functions)
+        if calls is not None:
+            return before, calls
+        stripped = held.lstrip()
+        match = _FENCE.match(stripped)
+        if match is not None and self.plan.constraint is None:
+            calls = parse_tool_calls(match.group(1), self.plan.functions)
+            if calls is not None:
+                return before + stripped[match.end() :], calls
+        return text[self.emitted :], []
