@@ -185,6 +185,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output-tokens", type=int, default=32)
     parser.add_argument("--prompt-words", type=int, default=150)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--min-free-gb", type=float, default=8.0, help="wait for this much free memory per target")
     parser.add_argument("--config", type=Path, default=ROOT / "config" / "tiny.yaml")
     parser.add_argument("--profile", nargs="*", metavar="KIND:C",
                         help="py-spy record our server's API process during these cells of trial 0 "
@@ -217,8 +218,15 @@ def build_targets(args: argparse.Namespace, settings: Any, log_dir: Path) -> lis
     return targets
 
 
+def _exit_on_signal(signum: int, _frame: Any) -> None:
+    raise SystemExit(128 + signum)  # unwinds through `finally`: the running target is stopped
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # A background shell starts us with SIGINT ignored; SIGTERM would kill us without cleanup.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     from server.settings import load_settings
 
     settings = load_settings(args.config)
@@ -248,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     for trial in range(trials):
         shift = trial % len(targets)
         for target in targets[shift:] + targets[:shift]:
+            _wait_for_memory(args.min_free_gb)
             load_before = os.getloadavg()[0]
             if isinstance(target, CeilingTarget):
                 result = run_ceiling(target, trial, plan)
@@ -264,6 +273,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"report written to {args.write}", flush=True)
     print(report.render_tables(results))
     return 0
+
+
+def _wait_for_memory(min_free_gb: float, timeout: float = 900) -> None:
+    """Waits until the machine has room for a target (~7 GB: API process, engine core, worker).
+
+    The machine is shared: starting a target without the memory for it gets a process killed by
+    the kernel, ours or someone else's."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while psutil.virtual_memory().available / 2**30 < min_free_gb and time.monotonic() < deadline:
+        print(f"  waiting for {min_free_gb} GB of free memory...", flush=True)
+        time.sleep(15)
 
 
 def _measure_preprocess(settings: Any) -> dict[str, Any] | None:
