@@ -47,6 +47,7 @@ class _Response:
         self.complete = False
         self.keep_alive = True
         self._last_token_at: float | None = None
+        self.finished = False  # a finish_reason arrived
 
     # httptools callbacks
     def on_body(self, data: bytes) -> None:
@@ -80,6 +81,8 @@ class _Response:
         for choice in chunk.get("choices") or ():
             if choice.get("delta", {}).get("content"):
                 self._token_event(now)
+            if choice.get("finish_reason"):
+                self.finished = True
 
     def _token_event(self, now: float) -> None:
         result = self.result
@@ -101,8 +104,10 @@ class _Response:
             body = orjson.loads(self.body)
             result.output_tokens = body.get("usage", {}).get("completion_tokens", 0)
             result.ttft = result.latency = now - result.started
-        elif result.ttft is None and result.error is None:
-            result.error = "the stream carried no generated text"
+        elif result.ttft is None and result.error is None and not self.finished:
+            # A finished stream may carry no text at all: random weights sometimes generate only
+            # special tokens, which are not detokenized. That is a success without a TTFT.
+            result.error = "the stream ended without text or a finish_reason"
         result.ok = result.error is None
         return result
 

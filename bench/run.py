@@ -256,7 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     for trial in range(trials):
         shift = trial % len(targets)
         for target in targets[shift:] + targets[:shift]:
-            _wait_for_memory(args.min_free_gb)
+            if not _wait_for_memory(args.min_free_gb):
+                print(f"  skipping {target.name} in trial {trial}: not enough free memory", flush=True)
+                continue
             load_before = os.getloadavg()[0]
             if isinstance(target, CeilingTarget):
                 result = run_ceiling(target, trial, plan)
@@ -275,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _wait_for_memory(min_free_gb: float, timeout: float = 900) -> None:
+def _wait_for_memory(min_free_gb: float, timeout: float = 1200) -> bool:
     """Waits until the machine has room for a target (~7 GB: API process, engine core, worker).
 
     The machine is shared: starting a target without the memory for it gets a process killed by
@@ -283,9 +285,12 @@ def _wait_for_memory(min_free_gb: float, timeout: float = 900) -> None:
     import psutil
 
     deadline = time.monotonic() + timeout
-    while psutil.virtual_memory().available / 2**30 < min_free_gb and time.monotonic() < deadline:
+    while psutil.virtual_memory().available / 2**30 < min_free_gb:
+        if time.monotonic() > deadline:
+            return False
         print(f"  waiting for {min_free_gb} GB of free memory...", flush=True)
         time.sleep(15)
+    return True
 
 
 def _measure_preprocess(settings: Any) -> dict[str, Any] | None:
