@@ -250,10 +250,17 @@ def load_line(results: dict[str, Any]) -> str:
     return "Load average (1 min) at the start → end of each target's run: " + ", ".join(parts) + "."
 
 
+def failures_line(results: dict[str, Any]) -> str:
+    failures = results.get("failures") or []
+    if not failures:
+        return ""
+    return "\n\nTarget runs that failed and were retried (or dropped):\n" + "\n".join(f"- {f}" for f in failures)
+
+
 def render_tables(results: dict[str, Any]) -> str:
     return "\n\n".join(
         [
-            header(results) + "\n" + load_line(results),
+            header(results) + "\n" + load_line(results) + failures_line(results),
             "### Throughput and latency\n\n" + throughput_table(results),
             "### Ratios (within each trial, then median and range)\n\n" + ratio_table(results),
             "### The issue's targets\n\n" + goals_table(results),

@@ -69,6 +69,8 @@ async def _drive_http(
 ) -> list[dict[str, Any]]:
     out = []
     for cell, (warmup, measured) in zip(cells, bodies, strict=True):
+        if target.child is None or not target.child.alive():
+            raise TargetDied(f"{target.name} died before {cell.name} (killed for memory?)")
         if warmup:
             await run_requests("127.0.0.1", target.port, warmup, concurrency=cell.concurrency, stream=cell.stream)
         profiler = _start_profiler(target, cell) if f"{cell.kind}:{cell.concurrency}" in profile else None
@@ -82,9 +84,15 @@ async def _drive_http(
                 _stop_profiler(profiler)
         summary = summarize(run, plan.output_tokens)
         summary.server_cpu_s = cpu_delta(before, cpu_by_role(target.pid))
+        if not target.child.alive():
+            raise TargetDied(f"{target.name} died during {cell.name} (killed for memory?)")
         out.append({"kind": cell.kind, "concurrency": cell.concurrency, **summary.to_dict()})
         print(f"  {target.name:>8} {cell.name:<18} {summary.req_per_s:7.2f} req/s  errors {summary.errors}", flush=True)
     return out
+
+
+class TargetDied(RuntimeError):
+    """The target's process exited during the run; on this shared machine, usually the OOM killer."""
 
 
 def run_http_target(
@@ -95,8 +103,7 @@ def run_http_target(
         startup = target.start(trial)
         print(f"  {target.name} ready after {startup.ready} s", flush=True)
         if startup.ready is None:
-            print(startup.error, flush=True)
-            return {"startup": asdict(startup), "cells": []}
+            raise TargetDied(startup.error or f"{target.name} did not become ready")
         cells_out = uvloop.run(_drive_http(target, cells, bodies, plan, profile))
         return {"startup": asdict(startup), "cells": cells_out}
     finally:
@@ -185,6 +192,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output-tokens", type=int, default=32)
     parser.add_argument("--prompt-words", type=int, default=150)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--retries", type=int, default=2, help="restarts of a target that died")
     parser.add_argument("--min-free-gb", type=float, default=8.0, help="wait for this much free memory per target")
     parser.add_argument("--config", type=Path, default=ROOT / "config" / "tiny.yaml")
     parser.add_argument("--profile", nargs="*", metavar="KIND:C",
@@ -253,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         profile_cells = set(args.profile or ["text-stream:16", "image-stream:16"])
     preprocess = _measure_preprocess(settings) if args.preprocess else None
     runs: list[dict[str, Any]] = []
+    failures: list[str] = []
     for trial in range(trials):
         shift = trial % len(targets)
         for target in targets[shift:] + targets[:shift]:
@@ -260,21 +269,46 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  skipping {target.name} in trial {trial}: not enough free memory", flush=True)
                 continue
             load_before = os.getloadavg()[0]
-            if isinstance(target, CeilingTarget):
-                result = run_ceiling(target, trial, plan)
-            else:
-                wanted = profile_cells if trial == 0 else set()
-                result = run_http_target(target, trial, cells, bodies, plan, wanted)
+            try:
+                result = _run_with_retries(target, trial, args, cells, bodies, plan, profile_cells, failures)
+            except TargetDied:
+                continue
             load = (load_before, os.getloadavg()[0])
             runs.append({"trial": trial, "target": target.name, "load": load, **result})
-            _save(log_dir, info, plan, images, runs, preprocess)
+            _save(log_dir, info, plan, images, runs, preprocess, failures)
     info["load_after"] = os.getloadavg()
-    results = _save(log_dir, info, plan, images, runs, preprocess)
+    results = _save(log_dir, info, plan, images, runs, preprocess, failures)
     if str(args.write):
         report.write(results, args.write)
         print(f"report written to {args.write}", flush=True)
     print(report.render_tables(results))
     return 0
+
+
+def _run_with_retries(
+    target: Any,
+    trial: int,
+    args: argparse.Namespace,
+    cells: list[Cell],
+    bodies: Any,
+    plan: Plan,
+    profile_cells: set[str],
+    failures: list[str],
+) -> dict[str, Any]:
+    """Runs one target once; if it dies (the kernel kills the largest process when the shared
+    machine runs out of memory), waits for memory and starts it again, up to --retries times."""
+    for attempt in range(args.retries + 1):
+        try:
+            if isinstance(target, CeilingTarget):
+                return run_ceiling(target, trial, plan)
+            wanted = profile_cells if trial == 0 else set()
+            return run_http_target(target, trial, cells, bodies, plan, wanted)
+        except (TargetDied, RuntimeError) as exc:
+            failures.append(f"trial {trial}, {target.name}, attempt {attempt + 1}: {str(exc)[:300]}")
+            print(f"  {target.name} failed (attempt {attempt + 1}): {str(exc)[:300]}", flush=True)
+            if attempt == args.retries or not _wait_for_memory(args.min_free_gb):
+                break
+    raise TargetDied(f"{target.name} failed in trial {trial}")
 
 
 def _wait_for_memory(min_free_gb: float, timeout: float = 1200) -> bool:
@@ -307,7 +341,13 @@ def _measure_preprocess(settings: Any) -> dict[str, Any] | None:
 
 
 def _save(
-    log_dir: Path, info: dict[str, Any], plan: Plan, images: Any, runs: list[Any], preprocess: Any
+    log_dir: Path,
+    info: dict[str, Any],
+    plan: Plan,
+    images: Any,
+    runs: list[Any],
+    preprocess: Any,
+    failures: list[str],
 ) -> dict[str, Any]:
     results = {
         "machine": info,
@@ -315,6 +355,7 @@ def _save(
         "images": {"count": len(images), "fingerprint": fingerprint(images)},
         "preprocess": preprocess,
         "runs": runs,
+        "failures": failures,
         "log_dir": str(log_dir),
     }
     (log_dir / "results.json").write_text(json.dumps(results, indent=1))

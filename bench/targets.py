@@ -46,6 +46,16 @@ PEER_MILESTONES = [
 ]
 
 
+def _fresh(path: Path) -> Path:
+    """`path`, or `path` with an attempt number when an earlier attempt left its log there."""
+    attempt = 1
+    candidate = path
+    while candidate.exists():
+        attempt += 1
+        candidate = path.with_name(f"{path.stem}-attempt{attempt}{path.suffix}")
+    return candidate
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -76,7 +86,7 @@ class HttpTarget:
     child: Child | None = None
 
     def start(self, trial: int) -> Startup:
-        log_path = self.log_dir / f"{self.name}-trial{trial}.log"
+        log_path = _fresh(self.log_dir / f"{self.name}-trial{trial}.log")
         self.child = Child(self.argv, log_path, env=self.env, cwd=self.cwd).start()
         startup = Startup()
         health_at = self._wait_for("/health", startup)
@@ -171,7 +181,7 @@ class CeilingTarget:
         out_path.unlink(missing_ok=True)
         child = Child(
             [sys.executable, "-m", "bench.ceiling", str(spec_path), str(out_path)],
-            self.log_dir / f"ceiling-trial{trial}.log",
+            _fresh(self.log_dir / f"ceiling-trial{trial}.log"),
             cwd=ROOT,
         ).start()
         try:
