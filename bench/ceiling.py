@@ -143,6 +143,7 @@ async def run(spec: dict[str, Any], out_path: Path) -> None:
                 {
                     "kind": cell.kind,
                     "concurrency": cell.concurrency,
+                    "round": cell.round,
                     "wall_s": run_.wall_seconds,
                     "driver_cpu_s": run_.client_cpu_seconds,
                     "server_cpu_s": server_cpu,

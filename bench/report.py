@@ -143,6 +143,24 @@ def ratio_table(results: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def variants_table(results: dict[str, Any]) -> str:
+    """Each candidate (a target other than ours, vllm, ceiling) against `ours`, within each trial."""
+    targets, cells, table = _index(results)
+    table = _with_api_cpu(table)
+    variants = [t for t in targets if t not in ("ours", PEER, CEILING)]
+    if "ours" not in targets or not variants:
+        return ""
+    fields = [("req_per_s", "req/s"), ("ttft_p50_ms", "TTFT p50"), ("ttft_p99_ms", "TTFT p99"),
+              ("itl_p99_ms", "ITL p99"), ("api_cpu_ms", "API CPU/req")]  # fmt: skip
+    header = ["workload", "c", "candidate"] + [f"{label} vs ours" for _f, label in fields]
+    rows = ["| " + " | ".join(header) + " |", "|---|---:|---|" + "---:|" * len(fields)]
+    for kind, conc in cells:
+        for variant in variants:
+            ratios = [_range(_ratios(table, variant, "ours", kind, conc, f), 2) for f, _label in fields]
+            rows.append(f"| {KIND_TITLES.get(kind, kind)} | {conc} | {variant} | " + " | ".join(ratios) + " |")
+    return "### Candidates against ours (ratio within each trial; < 1 is better except req/s)\n\n" + "\n".join(rows)
+
+
 # The issue's targets: (workload, concurrency, minimum ours/vllm request-throughput ratio).
 GOALS = [("text-stream", 16, 1.5), ("text", 16, 1.2), ("image-stream", 16, 1.2)]
 
@@ -173,7 +191,8 @@ def goals_table(results: dict[str, Any]) -> str:
 def startup_table(results: dict[str, Any]) -> str:
     by_target: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for run in results["runs"]:
-        by_target[run["target"]].append(run["startup"])
+        if run.get("startup"):  # rounds after the first share their start-up
+            by_target[run["target"]].append(run["startup"])
     lines = []
     for target, startups in by_target.items():
         names: list[str] = []
@@ -216,6 +235,24 @@ def preprocess_table(results: dict[str, Any]) -> str:
             f"| **total at {size}x{size}: {total['images_per_core_s']:.0f} images/s per core** "
             f"| {total['cpu_ms']:.1f} |"
         )
+    vllm_path = pre.get("vllm_path")
+    if vllm_path:
+        rows += [
+            "",
+            "vLLM's multimodal path in the API process (`_process_multimodal`, its single worker thread), per distinct "
+            "1920x1080 image already decoded, resized to 896x896 (gemma-3-4b-it); thread CPU ms per image:",
+            "",
+            "| how the image is handed to vLLM | ms per image |",
+            "|---|---:|",
+        ]
+        labels = {
+            "default": "as today: vLLM hashes the pixels",
+            "uuid": "with `multi_modal_uuids` = hash of the encoded bytes (exact)",
+            "downscaled+uuid": "downscaled to 896x896 in our decode step, and uuid (not bit-identical)",
+        }
+        for mode, label in labels.items():
+            if mode in vllm_path:
+                rows.append(f"| {label} | {vllm_path[mode]['cpu_ms']:.1f} |")
     return "\n".join(rows)
 
 
@@ -245,7 +282,7 @@ def load_line(results: dict[str, Any]) -> str:
     parts = [
         f"{run['target']}#{run['trial']} {run['load'][0]:.1f}→{run['load'][1]:.1f}"
         for run in results["runs"]
-        if "load" in run
+        if "load" in run and run.get("startup")
     ]
     return "Load average (1 min) at the start → end of each target's run: " + ", ".join(parts) + "."
 
@@ -258,16 +295,16 @@ def failures_line(results: dict[str, Any]) -> str:
 
 
 def render_tables(results: dict[str, Any]) -> str:
-    return "\n\n".join(
-        [
-            header(results) + "\n" + load_line(results) + failures_line(results),
-            "### Throughput and latency\n\n" + throughput_table(results),
-            "### Ratios (within each trial, then median and range)\n\n" + ratio_table(results),
-            "### The issue's targets\n\n" + goals_table(results),
-            "### Start-up\n\n" + startup_table(results),
-            "### Image preprocessing rate per core\n\n" + preprocess_table(results),
-        ]
-    )
+    sections = [
+        header(results) + "\n" + load_line(results) + failures_line(results),
+        "### Throughput and latency\n\n" + throughput_table(results),
+        "### Ratios (within each trial, then median and range)\n\n" + ratio_table(results),
+        variants_table(results),
+        "### The issue's targets\n\n" + goals_table(results),
+        "### Start-up\n\n" + startup_table(results),
+        "### Image preprocessing rate per core\n\n" + preprocess_table(results),
+    ]
+    return "\n\n".join(section for section in sections if section)
 
 
 def write(results: dict[str, Any], path: Path) -> None:

@@ -61,6 +61,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         concurrencies=concurrencies,
         requests_per_cell=requests,
         image_requests_scale=0.5,
+        rounds=args.rounds,
     )
 
 
@@ -86,7 +87,7 @@ async def _drive_http(
         summary.server_cpu_s = cpu_delta(before, cpu_by_role(target.pid))
         if not target.child.alive():
             raise TargetDied(f"{target.name} died during {cell.name} (killed for memory?)")
-        out.append({"kind": cell.kind, "concurrency": cell.concurrency, **summary.to_dict()})
+        out.append({"kind": cell.kind, "concurrency": cell.concurrency, "round": cell.round, **summary.to_dict()})
         print(f"  {target.name:>8} {cell.name:<18} {summary.req_per_s:7.2f} req/s  errors {summary.errors}", flush=True)
     return out
 
@@ -141,7 +142,9 @@ def run_ceiling(target: CeilingTarget, trial: int, plan: Plan) -> dict[str, Any]
         results = [RequestResult(**r) for r in cell["results"]]
         summary = summarize(CellRun(results, cell["wall_s"], cell["driver_cpu_s"]), plan.output_tokens)
         summary.server_cpu_s = cell["server_cpu_s"]
-        cells_out.append({"kind": cell["kind"], "concurrency": cell["concurrency"], **summary.to_dict()})
+        cells_out.append(
+            {"kind": cell["kind"], "concurrency": cell["concurrency"], "round": cell["round"], **summary.to_dict()}
+        )
         print(f"  {'ceiling':>8} {cell['kind']} c={cell['concurrency']:<4} {summary.req_per_s:7.2f} req/s", flush=True)
     startup = Startup(ready=raw["startup"].get("engine ready (AsyncLLM built)"), milestones=raw["startup"])
     return {"startup": asdict(startup), "prerender_cpu_s": raw.get("prerender_cpu_s"), "cells": cells_out}
@@ -192,6 +195,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output-tokens", type=int, default=32)
     parser.add_argument("--prompt-words", type=int, default=150)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="every cell this many times per start of a target (fresh prompts, images)")  # fmt: skip
     parser.add_argument("--retries", type=int, default=2, help="restarts of a target that died")
     parser.add_argument("--min-free-gb", type=float, default=8.0, help="wait for this much free memory per target")
     parser.add_argument("--config", type=Path, default=ROOT / "config" / "tiny.yaml")
@@ -200,7 +205,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(default with no value: text-stream:16 image-stream:16)")  # fmt: skip
     parser.add_argument("--preprocess", action=argparse.BooleanOptionalAction, default=True,
                         help="also measure the image preprocessing rate per core")  # fmt: skip
-    parser.add_argument("--write", type=Path, default=ROOT / "docs" / "benchmarks.md", help="report file ('' for none)")
+    parser.add_argument("--write", default=str(ROOT / "docs" / "benchmarks.md"), help="report file ('' for none)")
     return parser.parse_args(argv)
 
 
@@ -259,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     profile_cells: set[str] = set()
     if args.profile is not None:
         profile_cells = set(args.profile or ["text-stream:16", "image-stream:16"])
-    preprocess = _measure_preprocess(settings) if args.preprocess else None
+    preprocess = _measure_preprocess(settings, args.config) if args.preprocess else None
     runs: list[dict[str, Any]] = []
     failures: list[str] = []
     for trial in range(trials):
@@ -274,15 +279,27 @@ def main(argv: list[str] | None = None) -> int:
             except TargetDied:
                 continue
             load = (load_before, os.getloadavg()[0])
-            runs.append({"trial": trial, "target": target.name, "load": load, **result})
+            runs.extend(_split_rounds({"trial": trial, "target": target.name, "load": load, **result}, plan.rounds))
             _save(log_dir, info, plan, images, runs, preprocess, failures)
     info["load_after"] = os.getloadavg()
     results = _save(log_dir, info, plan, images, runs, preprocess, failures)
-    if str(args.write):
-        report.write(results, args.write)
+    if args.write:
+        report.write(results, Path(args.write))
         print(f"report written to {args.write}", flush=True)
     print(report.render_tables(results))
     return 0
+
+
+def _split_rounds(run: dict[str, Any], rounds: int) -> list[dict[str, Any]]:
+    """One entry per round, numbered as trials (trial * rounds + round); start-up in the first."""
+    entries = []
+    for round_ in range(rounds):
+        entry = {**run, "trial": run["trial"] * rounds + round_}
+        entry["cells"] = [c for c in run["cells"] if c.get("round", 0) == round_]
+        if round_ > 0:
+            entry["startup"] = None
+        entries.append(entry)
+    return entries
 
 
 def _run_with_retries(
@@ -327,10 +344,10 @@ def _wait_for_memory(min_free_gb: float, timeout: float = 1200) -> bool:
     return True
 
 
-def _measure_preprocess(settings: Any) -> dict[str, Any] | None:
+def _measure_preprocess(settings: Any, config: Path) -> dict[str, Any] | None:
     print("measuring the image preprocessing rate (one process, one core)", flush=True)
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.preprocess", "--model", settings.model.resolved_path],
+        [sys.executable, "-m", "bench.preprocess", "--model", settings.model.resolved_path, "--config", str(config)],
         capture_output=True, text=True, cwd=ROOT,
     )  # fmt: skip
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]

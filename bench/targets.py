@@ -23,6 +23,7 @@ from bench.procs import Child
 ROOT = Path(__file__).resolve().parents[1]
 STARTUP_TIMEOUT_SECONDS = 600
 POLL_SECONDS = 0.1
+READY_STREAK = 10
 
 # Log lines that mark start-up phases: (name, regex). The first match of each is used; lines of the
 # engine core process come from vLLM and are the same for every target.
@@ -103,20 +104,31 @@ class HttpTarget:
         return startup
 
     def _wait_for(self, path: str, startup: Startup) -> float | None:
+        """Seconds from start until `path` answered 200 READY_STREAK times in a row, each on a new
+        connection (so that every API process of a multi-process server is asked); the time of the
+        first of those answers is returned."""
         assert self.child is not None
         url = f"http://127.0.0.1:{self.port}{path}"
         deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
-        with httpx.Client(timeout=2, trust_env=False) as http:
+        streak, streak_started = 0, 0.0
+        with httpx.Client(timeout=2, trust_env=False, headers={"Connection": "close"}) as http:
             while time.monotonic() < deadline:
                 if not self.child.alive():
                     startup.error = f"{self.name} exited during start-up:\n{self.child.tail()}"
                     return None
                 try:
-                    if http.get(url).status_code == 200:
-                        return self.child.since_start()
+                    ok = http.get(url).status_code == 200
                 except httpx.HTTPError:
-                    pass
-                time.sleep(POLL_SECONDS)
+                    ok = False
+                if not ok:
+                    streak = 0
+                elif streak == 0:
+                    streak, streak_started = 1, self.child.since_start()
+                else:
+                    streak += 1
+                if streak >= READY_STREAK:
+                    return streak_started
+                time.sleep(POLL_SECONDS if streak == 0 else 0.02)
         startup.error = f"{self.name}: {path} not 200 after {STARTUP_TIMEOUT_SECONDS} s"
         return None
 

@@ -53,6 +53,7 @@ class Cell:
     concurrency: int
     warmup: list[BenchRequest]
     requests: list[BenchRequest]
+    round: int = 0  # repetition within one start of a target (each with its own prompts and images)
     stream: bool = field(init=False)
 
     def __post_init__(self) -> None:
@@ -74,20 +75,22 @@ class Plan:
     concurrencies: tuple[int, ...]
     requests_per_cell: dict[int, int]  # concurrency -> measured requests
     image_requests_scale: float  # image cells send this fraction of the text request count
+    rounds: int = 1  # every cell this many times per start of a target
 
-    def cell_sizes(self) -> list[tuple[str, int, int, int]]:
-        """(kind, concurrency, warm-up count, measured count) for every cell, in run order."""
+    def cell_sizes(self) -> list[tuple[int, str, int, int, int]]:
+        """(round, kind, concurrency, warm-up count, measured count) for every cell, in run order."""
         sizes = []
-        for kind in self.kinds:
-            for concurrency in self.concurrencies:
-                count = self.requests_per_cell[concurrency]
-                if kind == "image-stream":
-                    count = max(concurrency, int(count * self.image_requests_scale))
-                sizes.append((kind, concurrency, min(concurrency, 8), count))
+        for round_ in range(self.rounds):
+            for kind in self.kinds:
+                for concurrency in self.concurrencies:
+                    count = self.requests_per_cell[concurrency]
+                    if kind == "image-stream":
+                        count = max(concurrency, int(count * self.image_requests_scale))
+                    sizes.append((round_, kind, concurrency, min(concurrency, 8), count))
         return sizes
 
     def images_needed(self) -> int:
-        return sum(w + n for kind, _c, w, n in self.cell_sizes() if kind == "image-stream")
+        return sum(w + n for _r, kind, _c, w, n in self.cell_sizes() if kind == "image-stream")
 
 
 def prompt_text(index: int, seed: int, words: int) -> str:
@@ -102,7 +105,7 @@ def build_cells(plan: Plan, images: list[BenchImage]) -> list[Cell]:
     cells = []
     next_index = 0
     next_image = 0
-    for kind, concurrency, warmup_count, count in plan.cell_sizes():
+    for round_, kind, concurrency, warmup_count, count in plan.cell_sizes():
         batch: list[BenchRequest] = []
         for _ in range(warmup_count + count):
             image = None
@@ -111,7 +114,7 @@ def build_cells(plan: Plan, images: list[BenchImage]) -> list[Cell]:
                 next_image += 1
             batch.append(BenchRequest(next_index, prompt_text(next_index, plan.seed, plan.prompt_words), image))
             next_index += 1
-        cells.append(Cell(kind, concurrency, batch[:warmup_count], batch[warmup_count:]))
+        cells.append(Cell(kind, concurrency, batch[:warmup_count], batch[warmup_count:], round_))
     return cells
 
 
