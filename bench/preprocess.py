@@ -1,0 +1,166 @@
+"""Image preprocessing rate per core: one 1920x1080 JPEG through the server's decode path and the
+Gemma 3 processor, as vLLM runs it, in this single process with one torch thread.
+
+Steps, timed separately (CPU seconds of this process, so that other tenants of the machine do not
+distort a per-core figure; wall time is reported too):
+- decode: `server.media.decode_data_uri` + `decode_image` (base64, PIL decode, EXIF, RGB), as the
+  server does for a data URI;
+- hash: vLLM's content hash of the decoded image (blake3 over the pixels), which vLLM computes for
+  its processed-image cache on every request;
+- process: the Gemma 3 HF processor call vLLM makes (prompt + image -> token ids and normalized
+  pixel tensors), at the tiny model's 64x64 and at gemma-3-4b-it's 896x896.
+
+Run as `python -m bench.preprocess [--model DIR] [--seconds S]`; prints JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+from PIL import Image
+
+from bench.images import photo_like
+
+GEMMA_4B_IMAGE_SIZE = 896  # gemma-3-4b-it's preprocessor_config.json: size 896x896, mean/std 0.5
+
+
+def _test_jpeg() -> bytes:
+    import numpy as np
+
+    buffer = io.BytesIO()
+    photo_like(1920, 1080, np.random.default_rng(1920)).save(buffer, "JPEG", quality=85)
+    return buffer.getvalue()
+
+
+def _rate(step: Callable[[], Any], seconds: float) -> dict[str, float]:
+    """Runs `step` repeatedly for about `seconds` of wall time; per-item CPU and wall milliseconds."""
+    step()  # first call pays one-time costs (lazy imports, allocations)
+    count = 0
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    while time.perf_counter() - wall0 < seconds or count < 5:
+        step()
+        count += 1
+    cpu = time.process_time() - cpu0
+    wall = time.perf_counter() - wall0
+    return {"count": count, "cpu_ms": 1000 * cpu / count, "wall_ms": 1000 * wall / count}
+
+
+def measure(model_dir: str, seconds: float) -> dict[str, Any]:
+    import torch
+    from transformers import AutoProcessor
+    from vllm.multimodal.hasher import MultiModalHasher
+
+    from server.media import decode_data_uri, decode_image
+
+    torch.set_num_threads(1)  # per core: vLLM also pins the processor to one torch thread
+    jpeg = _test_jpeg()
+    uri = "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()
+    image = decode_image(decode_data_uri(uri, 1 << 26, "p"), 50_000_000, "p")
+
+    processor = AutoProcessor.from_pretrained(model_dir)  # type: ignore[no-untyped-call]
+    prompt = f"<start_of_turn>user\n{processor.boi_token} Describe.<end_of_turn>\n<start_of_turn>model\n"
+    tiny_size = dict(processor.image_processor.size)
+
+    def process(size: int) -> Callable[[], Any]:
+        def step() -> Any:
+            return processor(text=prompt, images=[image], return_tensors="pt", size={"height": size, "width": size})
+
+        return step
+
+    steps = {
+        "decode": lambda: decode_image(decode_data_uri(uri, 1 << 26, "p"), 50_000_000, "p"),
+        "hash": lambda: MultiModalHasher.hash_kwargs("blake3", model_id="m", image=image),
+        f"process_{tiny_size['height']}": process(tiny_size["height"]),
+        f"process_{GEMMA_4B_IMAGE_SIZE}": process(GEMMA_4B_IMAGE_SIZE),
+    }
+    results: dict[str, Any] = {name: _rate(step, seconds) for name, step in steps.items()}
+    for size in (tiny_size["height"], GEMMA_4B_IMAGE_SIZE):
+        shape = list(process(size)()["pixel_values"].shape)
+        assert shape[-1] == size, f"the processor ignored size={size}: {shape}"
+        results[f"process_{size}"]["pixel_values"] = shape
+    for size_name in (f"process_{tiny_size['height']}", f"process_{GEMMA_4B_IMAGE_SIZE}"):
+        total_cpu = results["decode"]["cpu_ms"] + results["hash"]["cpu_ms"] + results[size_name]["cpu_ms"]
+        results[f"total_{size_name.split('_')[1]}"] = {"cpu_ms": total_cpu, "images_per_core_s": 1000 / total_cpu}
+    return {"image": "1920x1080 JPEG q85", "jpeg_bytes": len(jpeg), "steps": results}
+
+
+def measure_vllm_path(config_path: str, per_mode: int) -> dict[str, Any]:
+    """vLLM's own multimodal path in the API process (`BaseRenderer._process_multimodal`, what runs
+    in its single multimodal worker thread for every image), on distinct decoded 1920x1080 images
+    resized to gemma-3-4b-it's 896x896, in three ways:
+
+    - default: as our server calls it today (vLLM hashes the pixels, then copies and converts);
+    - uuid: with `multi_modal_uuids` set from a hash of the encoded bytes, which the server can
+      compute cheaply (vLLM then skips hashing ~6 MB of pixels); exact, same pixels;
+    - downscaled+uuid: the image already reduced to 896x896 in the decode step (PIL bilinear), so
+      vLLM's copies and conversions touch 4x-8x fewer pixels; NOT bit-identical to today.
+    """
+    import hashlib
+
+    import numpy as np
+    import torch
+    from vllm.renderers import renderer_from_config
+
+    from server.engine import engine_args_from_settings
+    from server.media import decode_image
+    from server.settings import load_settings
+
+    torch.set_num_threads(1)
+    settings = load_settings(config_path)
+    vllm_config = engine_args_from_settings(settings).create_engine_config()
+    renderer = renderer_from_config(vllm_config)
+    tokenizer = renderer.get_tokenizer()
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe."}]}]
+    prompt = tokenizer.encode(
+        tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), add_special_tokens=False
+    )
+    size = GEMMA_4B_IMAGE_SIZE
+    kwargs = {"do_pan_and_scan": False, "size": {"height": size, "width": size}}
+
+    def encoded(seed: int) -> bytes:
+        buffer = io.BytesIO()
+        photo_like(1920, 1080, np.random.default_rng(10_000 + seed)).save(buffer, "JPEG", quality=85)
+        return buffer.getvalue()
+
+    results: dict[str, Any] = {}
+    renderer._process_multimodal(prompt, {"image": [decode_image(encoded(-1), 50_000_000, "p")]}, None, kwargs)
+    for number, mode in enumerate(("default", "uuid", "downscaled+uuid")):
+        cpu = 0.0
+        for i in range(per_mode):
+            data = encoded(number * per_mode + i)  # distinct images: vLLM's processed-image cache never hits
+            image = decode_image(data, 50_000_000, "p")
+            started = time.thread_time()
+            uuids = None
+            if mode != "default":
+                uuids = {"image": [hashlib.blake2b(data, digest_size=16).hexdigest()]}
+            if mode == "downscaled+uuid":
+                image = image.resize((size, size), Image.Resampling.BILINEAR)
+            renderer._process_multimodal(prompt, {"image": [image]}, uuids, kwargs)
+            cpu += time.thread_time() - started
+        results[mode] = {"count": per_mode, "cpu_ms": 1000 * cpu / per_mode}
+    renderer.shutdown()
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=os.path.expanduser("~/.cache/gemma-server/tiny-gemma3"))
+    parser.add_argument("--config", default=None, help="also measure vLLM's multimodal path with this server config")
+    parser.add_argument("--seconds", type=float, default=3.0, help="wall time per step")
+    args = parser.parse_args()
+    Image.MAX_IMAGE_PIXELS = None
+    result = measure(args.model, args.seconds)
+    if args.config:
+        result["vllm_path"] = measure_vllm_path(args.config, per_mode=15)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
