@@ -181,6 +181,16 @@ class ChunkEncoder:
         self.return_token_ids = return_token_ids
         self.usage_counter = usage
         self.continuous_usage = continuous_usage and usage is not None
+        # Most events carry one choice with a piece of text and nothing else: the same bytes around
+        # the text every time. The frame is serialized once; per token only the text goes to orjson.
+        head = orjson.dumps(
+            {"id": request_id, "object": "chat.completion.chunk", "created": self.created, "model": model}
+        )
+        self._text_prefix = b"data: " + head[:-1] + b',"system_fingerprint":null,"choices":[{"index":'
+        self._text_suffix = b'},"logprobs":null,"finish_reason":null}]'
+        if include_usage:
+            self._text_suffix += b',"usage":null'
+        self._text_suffix += b"}\n\n"
 
     def _event(self, choices: list[dict[str, Any]], usage: dict[str, Any] | None = None, **extra: Any) -> bytes:
         chunk: dict[str, Any] = {
@@ -218,6 +228,8 @@ class ChunkEncoder:
         finish_reason: str | None = None,
         logprobs: list[dict[str, Any]] | None = None,
     ) -> bytes:
+        if text and finish_reason is None and logprobs is None and not self.return_token_ids and not self.continuous_usage:
+            return b'%s%d,"delta":{"content":%s%s' % (self._text_prefix, index, orjson.dumps(text), self._text_suffix)
         delta: dict[str, Any] = {"content": text} if text or finish_reason is None else {}
         choice: dict[str, Any] = {
             "index": index,
