@@ -39,6 +39,14 @@ def image_host() -> Iterator[ImageHost]:
 
 
 @pytest.fixture(scope="session")
+def canary() -> Iterator[ImageHost]:
+    """A listener on another loopback port that no image URL may ever reach (SSRF tests)."""
+    host = ImageHost().start()
+    yield host
+    host.stop()
+
+
+@pytest.fixture(scope="session")
 def offline_oracle_process(
     tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[subprocess.Popen[bytes], Path, Path]]:
