@@ -8,6 +8,7 @@ imports neither vLLM nor FastAPI.
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -23,6 +24,27 @@ MAX_MESSAGES = 2048
 class _Wire(BaseModel):
     # Unknown fields are accepted and ignored: clients and SDKs send fields newer than this server.
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _no_non_finite_extras(self) -> Any:
+        # Python's JSON parser reads NaN and Infinity; declared fields refuse them (allow_inf_nan),
+        # and so do the ignored unknown ones: such a body is not JSON.
+        for name, value in (self.__pydantic_extra__ or {}).items():
+            if not _all_finite(value):
+                raise ValueError(f"{name}: must be a finite number (NaN and Infinity are not allowed)")
+        return self
+
+
+def _all_finite(value: Any, depth: int = 0) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if depth > 64:
+        return True
+    if isinstance(value, dict):
+        return all(_all_finite(item, depth + 1) for item in value.values())
+    if isinstance(value, list):
+        return all(_all_finite(item, depth + 1) for item in value)
+    return True
 
 
 # ---- request: content parts -----------------------------------------------------------------
