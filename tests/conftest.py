@@ -1,5 +1,10 @@
 """Shared fixtures: the tiny checkpoint, an image host, and one live server for the whole session.
 
+Tests that stop or break a server use `sacrificial` servers of their own: started in the background
+one at a time (each engine takes several GB), the first once the offline oracle has exited. Tests
+marked `late(n)` run after all the others, in the order of n, so the sacrificial servers start
+while the ordinary tests run.
+
 A skipped test is a test that did not pass: the session fails if anything was skipped.
 """
 
@@ -10,8 +15,10 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -80,6 +87,7 @@ def oracle_results(offline_oracle_process: tuple[subprocess.Popen[bytes], Path, 
 
 @pytest.fixture(scope="session")
 def live_server(
+    request: pytest.FixtureRequest,
     tiny_model_dir: Path,
     image_host: ImageHost,
     offline_oracle_process: object,
@@ -89,16 +97,118 @@ def live_server(
     log_path = tmp_path_factory.mktemp("live-server") / "server.log"
     env = {
         "GEMMA_SERVER_IMAGES__PRIVATE_NETWORK_ALLOWLIST": f'["127.0.0.1:{image_host.port}"]',
+        "GEMMA_SERVER_IMAGES__FETCH_TIMEOUT_SECONDS": "3",  # the slow-drip image host test waits this long
         "GEMMA_SERVER_SERVER__LOG_LEVEL": "info",
     }
     server = LiveServer(log_path, env).start()
     try:
         server.wait_ready()
         print(f"\nlive server ready in {server.ready_after:.1f} s (log: {log_path})")
+        if any("sacrificial" in getattr(item, "fixturenames", ()) for item in request.session.items):
+            request.getfixturevalue("sacrificial")  # starts the first one in the background
         yield server
     finally:
         code = server.stop()
         print(f"\nlive server stopped with exit code {code}")
+
+
+FAULT_KEY_ENV = "sk-fault-env-0123456789"
+FAULT_KEY_FILE = "sk-fault-file-abcdefghij"
+FAULT_ORIGIN = "https://app.example"
+FAULT_CAPACITY = {"max_in_flight": 10, "max_waiting": 6}
+FAULT_DRAIN_SECONDS = 20
+
+
+class SacrificialServers:
+    """Servers that tests stop or break, configured alike: small admission capacity (10 in flight,
+    6 waiting), API keys (from the environment and from a file), CORS for one origin, a 20 s drain
+    window and a small KV cache. `launch(name)` starts one in the background; `ready(name)` waits."""
+
+    def __init__(self, folder: Path, image_host: ImageHost) -> None:
+        self.folder = folder
+        key_file = folder / "api-keys"
+        key_file.write_text(f"# keys, one per line\n{FAULT_KEY_FILE}\n")
+        self.env = {
+            "GEMMA_SERVER_IMAGES__PRIVATE_NETWORK_ALLOWLIST": f'["127.0.0.1:{image_host.port}"]',
+            "GEMMA_SERVER_ADMISSION__MAX_IN_FLIGHT": str(FAULT_CAPACITY["max_in_flight"]),
+            "GEMMA_SERVER_ADMISSION__MAX_WAITING": str(FAULT_CAPACITY["max_waiting"]),
+            "GEMMA_SERVER_ADMISSION__RETRY_AFTER_SECONDS": "2",
+            "GEMMA_SERVER_AUTH__API_KEYS": json.dumps([FAULT_KEY_ENV]),
+            "GEMMA_SERVER_AUTH__API_KEYS_FILE": str(key_file),
+            "GEMMA_SERVER_AUTH__CORS_ALLOW_ORIGINS": json.dumps([FAULT_ORIGIN]),
+            "GEMMA_SERVER_SERVER__DRAIN_TIMEOUT_SECONDS": str(FAULT_DRAIN_SECONDS),
+            "GEMMA_SERVER_ENGINE__KV_CACHE_MEMORY_BYTES": str(64 * 2**20),
+        }
+        self.servers: dict[str, LiveServer] = {}
+        self._launchers: dict[str, threading.Thread] = {}
+
+    def launch(self, name: str, after: subprocess.Popen[bytes] | None = None) -> None:
+        """Starts server `name` in the background (once `after` has exited, if given)."""
+
+        def start() -> None:
+            if after is not None:
+                after.wait()
+            self.servers[name] = LiveServer(self.folder / f"{name}.log", self.env).start()
+
+        if name not in self._launchers:
+            self._launchers[name] = threading.Thread(target=start, daemon=True)
+            self._launchers[name].start()
+
+    def ready(self, name: str) -> LiveServer:
+        self.launch(name)
+        self._launchers[name].join()
+        server = self.servers[name].wait_ready()
+        print(f"\nsacrificial server {name!r} ready in {server.ready_after:.1f} s")
+        return server
+
+    def stop_all(self) -> None:
+        for launcher in self._launchers.values():
+            launcher.join()
+        for name, server in self.servers.items():
+            print(f"\nsacrificial server {name!r} ended with exit code {server.stop(timeout=30)}")
+
+
+@pytest.fixture(scope="session")
+def sacrificial(
+    tmp_path_factory: pytest.TempPathFactory,
+    image_host: ImageHost,
+    offline_oracle_process: tuple[subprocess.Popen[bytes], Path, Path],
+) -> Iterator[SacrificialServers]:
+    servers = SacrificialServers(tmp_path_factory.mktemp("sacrificial"), image_host)
+    servers.launch("drain", after=offline_oracle_process[0])
+    yield servers
+    servers.stop_all()
+
+
+_FIGURES: list[str] = []
+
+
+@pytest.fixture(scope="session")
+def report() -> Callable[[str], None]:
+    """Records a measured figure; all of them are printed at the end of the run (captured output
+    of passing tests is not shown)."""
+    return _FIGURES.append
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if _FIGURES:
+        terminalreporter.section("measured figures")
+        for line in _FIGURES:
+            terminalreporter.write_line(line)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "late(order): run after all other tests, in this order (tests on servers they stop or break)"
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    def order(item: pytest.Item) -> tuple[int, float]:
+        marker = item.get_closest_marker("late")
+        return (1, float(marker.args[0])) if marker else (0, 0.0)
+
+    items.sort(key=order)  # stable: everything else keeps its order
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ tests that must stop or break a server start their own.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -77,11 +78,20 @@ class LiveServer:
         self.process.send_signal(sig)
 
     def stop(self, timeout: float = 60) -> int | None:
-        if self.process is None or self.process.poll() is not None:
-            return self.process.returncode if self.process else None
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(10)
+        self.kill_leftovers()
+        return self.process.returncode
+
+    def kill_leftovers(self) -> None:
+        """Engine processes outlive a server that died abruptly (killed, OOM): end its whole group."""
+        assert self.process is not None
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.process.pid, signal.SIGKILL)
-            return self.process.wait(10)
