@@ -4,7 +4,8 @@ Two layers:
 - `header_limited_httptools_protocol` (the HTTP protocol uvicorn runs): counts the bytes of a
   request's head as they arrive and the header fields as they are parsed; past
   `server.max_header_bytes` or `server.max_header_count` it answers 431 (OpenAI-shaped) and closes
-  the connection, so an 8 MB header is never buffered whole.
+  the connection, so an 8 MB header is never buffered whole. Requests that are not valid HTTP get
+  an OpenAI-shaped 400 instead of uvicorn's plain-text one.
 - `RequestLimitsMiddleware` (pure ASGI, for any server): the same header checks on the parsed
   scope, then the body: a Content-Length above `server.max_body_bytes` gets 413 at once, without
   reading the body; a body without Content-Length is counted while the application reads it and
@@ -166,11 +167,11 @@ def header_limited_httptools_protocol(max_header_bytes: int, max_header_count: i
             return self._head_error is not None
 
         def send_400_response(self, msg: str) -> None:
-            if self._head_error is None:
-                super().send_400_response(msg)
-                return
-            headers, body = error_response_bytes(self._head_error)
-            status = b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+            # uvicorn's own answer to a request it cannot parse is plain text; ours is OpenAI's shape.
+            error: APIError = self._head_error or BadRequestError("the request is not valid HTTP/1.1")
+            headers, body = error_response_bytes(error)
+            reason = b"Request Header Fields Too Large" if error.status_code == 431 else b"Bad Request"
+            status = b"HTTP/1.1 %d %s\r\n" % (error.status_code, reason)
             head = b"".join(name + b": " + value + b"\r\n" for name, value in headers)
             self.transport.write(status + head + b"\r\n" + body)
             self.transport.close()

@@ -212,3 +212,21 @@ def test_a_client_supplied_chat_template_is_never_rendered(base_url: str) -> Non
     assert response.status_code == 200, response.text
     assert response.json()["prompt_token_ids"] == reference["prompt_token_ids"]
     assert_healthy(base_url)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"GARBAGE\r\n\r\n",
+        b"GET / HTTP/9.9\r\n\r\n",
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 7\r\n\r\nhello",
+        b"GET /health HTTP/1.1\r\nHost: x\r\nBad Header Name: v\r\n\r\n",
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    ],
+)
+def test_requests_that_are_not_http_get_an_openai_shaped_400(raw: bytes, live_server: LiveServer) -> None:
+    response, _sent, _closed = raw_exchange(live_server.port, [raw], timeout=10)
+    assert response.startswith(b"HTTP/1.1 400"), response[:200]
+    body = json.loads(response.partition(b"\r\n\r\n")[2])
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert_healthy(live_server.base_url)
