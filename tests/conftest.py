@@ -85,15 +85,21 @@ def oracle_results(offline_oracle_process: tuple[subprocess.Popen[bytes], Path, 
     return {result["name"]: result for result in data["results"]}
 
 
+def _selected(request: pytest.FixtureRequest, fixture: str) -> bool:
+    """Whether any test of this run uses `fixture` (directly or through other fixtures)."""
+    return any(fixture in getattr(item, "fixturenames", ()) for item in request.session.items)
+
+
 @pytest.fixture(scope="session")
 def live_server(
     request: pytest.FixtureRequest,
     tiny_model_dir: Path,
     image_host: ImageHost,
-    offline_oracle_process: object,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[LiveServer]:
     """The server on the tiny model, reachable image host allow-listed (private networks otherwise off)."""
+    if _selected(request, "oracle_results"):
+        request.getfixturevalue("offline_oracle_process")  # its start-up overlaps the server's
     log_path = tmp_path_factory.mktemp("live-server") / "server.log"
     env = {
         "GEMMA_SERVER_IMAGES__PRIVATE_NETWORK_ALLOWLIST": f'["127.0.0.1:{image_host.port}"]',
@@ -104,7 +110,7 @@ def live_server(
     try:
         server.wait_ready()
         print(f"\nlive server ready in {server.ready_after:.1f} s (log: {log_path})")
-        if any("sacrificial" in getattr(item, "fixturenames", ()) for item in request.session.items):
+        if _selected(request, "sacrificial"):
             request.getfixturevalue("sacrificial")  # starts the first one in the background
         yield server
     finally:
@@ -170,12 +176,11 @@ class SacrificialServers:
 
 @pytest.fixture(scope="session")
 def sacrificial(
-    tmp_path_factory: pytest.TempPathFactory,
-    image_host: ImageHost,
-    offline_oracle_process: tuple[subprocess.Popen[bytes], Path, Path],
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, image_host: ImageHost
 ) -> Iterator[SacrificialServers]:
     servers = SacrificialServers(tmp_path_factory.mktemp("sacrificial"), image_host)
-    servers.launch("drain", after=offline_oracle_process[0])
+    oracle = request.getfixturevalue("offline_oracle_process")[0] if _selected(request, "oracle_results") else None
+    servers.launch("drain", after=oracle)  # once the oracle's engine is gone
     yield servers
     servers.stop_all()
 

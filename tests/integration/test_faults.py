@@ -261,13 +261,27 @@ class _Stream(threading.Thread):
         return reasons[0] if reasons else None
 
 
+def _tokens_per_second_per_stream(base: str, streams: int, tokens: int = 32) -> float:
+    async def run() -> float:
+        async with httpx.AsyncClient(base_url=base, timeout=300, headers=KEY) as client:
+            started = time.monotonic()
+            await asyncio.gather(*(client.post(CHAT, json=_body(tokens, text=f"Pace {i}")) for i in range(streams)))
+            return tokens / (time.monotonic() - started)
+
+    return asyncio.run(run())
+
+
 @pytest.mark.late(1.9)
 def test_sigterm_drains_in_flight_streams_refuses_new_work_and_exits_zero(
     drain_server: LiveServer, sacrificial: SacrificialServers, report: Callable[[str], None]
 ) -> None:
     base = drain_server.base_url
-    short = [_Stream(base, _body(60, True, f"Short {i}")) for i in range(8)]
-    long = [_Stream(base, _body(7000, True, f"Long {i}")) for i in range(2)]
+    # Short streams should still be running at SIGTERM and end well inside the window: size them
+    # from this machine's speed with ten streams at once. Long ones cannot finish inside it.
+    rate = _tokens_per_second_per_stream(base, streams=FAULT_CAPACITY["max_in_flight"])
+    short_tokens = max(20, min(2000, int(rate * FAULT_DRAIN_SECONDS * 0.3)))
+    short = [_Stream(base, _body(short_tokens, True, f"Short {i}")) for i in range(8)]
+    long = [_Stream(base, _body(7500, True, f"Long {i}")) for i in range(2)]
     for stream in short + long:
         stream.start()
     assert all(stream.first_event.wait(120) for stream in short + long)
@@ -295,8 +309,9 @@ def test_sigterm_drains_in_flight_streams_refuses_new_work_and_exits_zero(
     exited_after = time.monotonic() - signalled
     sacrificial.launch("engine_death")  # the next sacrificial server starts while other tests run
     report(
-        f"drain: not ready {not_ready_after * 1000:.0f} ms after SIGTERM; 8 short streams done after "
-        f"{short_done:.1f} s; exit code {code} after {exited_after:.1f} s (window {FAULT_DRAIN_SECONDS} s)"
+        f"drain: not ready {not_ready_after * 1000:.0f} ms after SIGTERM; 8 streams of {short_tokens} tokens "
+        f"done {short_done:.1f} s after it, 2 long ones aborted at the window's end; exit code {code} after "
+        f"{exited_after:.1f} s (window {FAULT_DRAIN_SECONDS} s)"
     )
     for stream in short:
         assert stream.error is None and stream.status == 200, stream.error
