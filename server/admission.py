@@ -47,6 +47,11 @@ CHARS_PER_TOKEN = 3
 TOKENS_PER_IMAGE = 260
 
 
+def estimate_prompt_tokens(chars: int, images: int = 0) -> int:
+    """Any generation request's prompt size before it is built (e.g. /v1/completions: its prompt)."""
+    return 1 + chars // CHARS_PER_TOKEN + images * TOKENS_PER_IMAGE
+
+
 def estimate_chat_prompt_tokens(request: ChatCompletionRequest) -> int:
     chars = 0
     images = 0
@@ -60,7 +65,7 @@ def estimate_chat_prompt_tokens(request: ChatCompletionRequest) -> int:
                 chars += len(part.text)
             elif isinstance(part, ImagePart):
                 images += 1
-    return 1 + chars // CHARS_PER_TOKEN + images * TOKENS_PER_IMAGE
+    return estimate_prompt_tokens(chars, images)
 
 
 @dataclass(eq=False)

@@ -144,6 +144,9 @@ class SacrificialServers:
             "GEMMA_SERVER_AUTH__CORS_ALLOW_ORIGINS": json.dumps([FAULT_ORIGIN]),
             "GEMMA_SERVER_SERVER__DRAIN_TIMEOUT_SECONDS": str(FAULT_DRAIN_SECONDS),
             "GEMMA_SERVER_ENGINE__KV_CACHE_MEMORY_BYTES": str(64 * 2**20),
+            # Image fetches held open by the image host's /gate keep admission slots busy.
+            "GEMMA_SERVER_IMAGES__FETCH_TIMEOUT_SECONDS": "120",
+            "GEMMA_SERVER_IMAGES__FETCH_READ_TIMEOUT_SECONDS": "120",
         }
         self.servers: dict[str, LiveServer] = {}
         self._launchers: dict[str, threading.Thread] = {}

@@ -2,7 +2,8 @@
 
 Paths: /img/<name> serves a registered image; /redirect?to=<url> answers 302; /status/<code>;
 /html (a web page, not an image); /slow (drips bytes forever); /big (endless bytes);
-/endless (a PNG signature, then endless bytes, no Content-Length); /gzip (a gzip-encoded body).
+/endless (a PNG signature, then endless bytes, no Content-Length); /gzip (a gzip-encoded body);
+/gate/<name> (serves a registered image once the test opens `gate`: fetches that stay in flight).
 Every request is recorded in `requests`, so SSRF tests can assert that a canary got nothing.
 """
 
@@ -19,6 +20,8 @@ class ImageHost:
     def __init__(self) -> None:
         self.files: dict[str, tuple[bytes, str]] = {}
         self.requests: list[str] = []
+        self.gate = threading.Event()
+        self.gate.set()
         host = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -30,6 +33,10 @@ class ImageHost:
                 parts = urlsplit(self.path)
                 if parts.path.startswith("/img/") and parts.path[5:] in host.files:
                     data, mime = host.files[parts.path[5:]]
+                    self._send(200, data, mime)
+                elif parts.path.startswith("/gate/") and parts.path[6:] in host.files:
+                    host.gate.wait(300)
+                    data, mime = host.files[parts.path[6:]]
                     self._send(200, data, mime)
                 elif parts.path == "/redirect":
                     target = parse_qs(parts.query).get("to", ["/"])[0]
