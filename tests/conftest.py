@@ -130,8 +130,9 @@ class SacrificialServers:
     6 waiting), API keys (from the environment and from a file), CORS for one origin, a 20 s drain
     window and a small KV cache. `launch(name)` starts one in the background; `ready(name)` waits."""
 
-    def __init__(self, folder: Path, image_host: ImageHost) -> None:
+    def __init__(self, folder: Path, image_host: ImageHost, wanted: set[str]) -> None:
         self.folder = folder
+        self.wanted = wanted  # servers some selected test uses (through a `<name>_server` fixture)
         key_file = folder / "api-keys"
         key_file.write_text(f"# keys, one per line\n{FAULT_KEY_FILE}\n")
         self.env = {
@@ -159,11 +160,12 @@ class SacrificialServers:
                 after.wait()
             self.servers[name] = LiveServer(self.folder / f"{name}.log", self.env).start()
 
-        if name not in self._launchers:
+        if name in self.wanted and name not in self._launchers:
             self._launchers[name] = threading.Thread(target=start, daemon=True)
             self._launchers[name].start()
 
     def ready(self, name: str) -> LiveServer:
+        assert name in self.wanted, f"use the {name}_server fixture"
         self.launch(name)
         self._launchers[name].join()
         server = self.servers[name].wait_ready()
@@ -181,7 +183,8 @@ class SacrificialServers:
 def sacrificial(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, image_host: ImageHost
 ) -> Iterator[SacrificialServers]:
-    servers = SacrificialServers(tmp_path_factory.mktemp("sacrificial"), image_host)
+    wanted = {name for name in ("drain", "engine_death") if _selected(request, f"{name}_server")}
+    servers = SacrificialServers(tmp_path_factory.mktemp("sacrificial"), image_host, wanted)
     oracle = request.getfixturevalue("offline_oracle_process")[0] if _selected(request, "oracle_results") else None
     servers.launch("drain", after=oracle)  # once the oracle's engine is gone
     yield servers
