@@ -5,6 +5,12 @@
 If the engine fails to start, or dies later, `/ready` fails at once and `on_fatal` is called so the
 process can exit non-zero and the orchestrator restarts it.
 
+Middleware, outermost first: metrics (sees every answer, refusals included), request limits
+(`server/limits.py`: header size/count, body size), CORS (only if origins are configured), API keys
+(`server/auth.py`). Generation routes take an admission slot (`server/admission.py`) before any
+expensive work. `drain` is the SIGTERM path: readiness fails, new work is refused, in-flight work
+gets `server.drain_timeout_seconds`, the rest is aborted.
+
 Nothing is loaded at import time; the engine is injected (tests may pass their own).
 """
 
@@ -24,6 +30,8 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server.admission import Admission, estimate_chat_prompt_tokens, estimate_completion_prompt_tokens
+from server.auth import ApiKeys, AuthMiddleware, OpenAICORSMiddleware, cors_options, public_paths
 from server.chat import ChatService
 from server.completions import CompletionService
 from server.errors import (
@@ -34,6 +42,7 @@ from server.errors import (
     ServiceUnavailableError,
 )
 from server.generation import EngineClient
+from server.limits import RequestLimitsMiddleware
 from server.media import ImageLoader
 from server.metrics import CONTENT_TYPE, Metrics
 from server.protocol import (
@@ -58,10 +67,12 @@ from server.validation import validation_error_to_api_error
 log = logging.getLogger(__name__)
 
 ENGINE_WATCH_INTERVAL_SECONDS = 1.0
+# After the drain window, aborted requests get this long to send their error before the exit.
+ABORT_GRACE_SECONDS = 5.0
 FatalHandler = Callable[[int, str], None]
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse} for status in (400, 404, 413, 429, 500, 503)
+    status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 431, 500, 503)
 }
 
 
@@ -78,6 +89,8 @@ class AppState:
         self.chat = ChatService(settings, self.runner, self.images)
         self.completions = CompletionService(settings, self.runner)
         self.tokenization = TokenizationService(self.chat)
+        self.admission = Admission(settings.admission, self.metrics)
+        self.api_keys = ApiKeys(settings.auth)
         self.started_at = int(time.time())
         self.startup_error: str | None = None
         self.self_tested = False
@@ -86,6 +99,34 @@ class AppState:
     @property
     def ready(self) -> bool:
         return self.self_tested and self.engine.is_ready and not self.draining and self.startup_error is None
+
+    @property
+    def retry_after(self) -> dict[str, str]:
+        return self.admission.retry_after
+
+    def begin_draining(self) -> None:
+        """Readiness fails and new requests are refused from now on. Only sets a flag, so a signal
+        handler may call it; `drain` does the rest."""
+        self.draining = True
+
+
+async def drain(state: AppState) -> None:
+    """The SIGTERM path: refuse new and waiting work (503 + Retry-After), let in-flight requests
+    finish within `server.drain_timeout_seconds`, then abort the rest in the engine (streams end with
+    an error event and `data: [DONE]`). Returns when nothing is in flight (or the grace ran out)."""
+    started = time.monotonic()
+    state.begin_draining()
+    state.admission.start_draining()
+    window = state.settings.server.drain_timeout_seconds
+    log.info("draining: %d request(s) in flight, %.0f s to finish", state.admission.in_flight, window)
+    if await state.admission.wait_idle(window):
+        log.info("drained in %.1f s", time.monotonic() - started)
+        return
+    aborted = await state.engine.abort_all()
+    state.metrics.aborted.labels("drain_timeout").inc(aborted)
+    log.warning("drain window over: aborted %d engine request(s)", aborted)
+    if not await state.admission.wait_idle(ABORT_GRACE_SECONDS):
+        log.warning("%d request(s) still in flight after the abort", state.admission.in_flight)
 
 
 def _default_engine(settings: Settings) -> EngineClient:
@@ -127,12 +168,31 @@ def create_app(
         summary="OpenAI-compatible API for Gemma 3 (text and images) on vLLM",
         version="0.1.0",
         lifespan=lifespan,
+        # No 307 to the slash-less URL: Starlette builds that URL from the Host header (an open
+        # redirect), and clients should see one OpenAI-shaped 404 instead.
+        redirect_slashes=False,
     )
     app.state.gemma = state
-    app.add_middleware(MetricsMiddleware, metrics=state.metrics)
+    _install_middleware(app, state)
     _install_error_handlers(app)
     _add_routes(app, state)
     return app
+
+
+def _install_middleware(app: FastAPI, state: AppState) -> None:
+    """Added innermost first: the last one added runs first."""
+    auth = state.settings.auth
+    app.add_middleware(AuthMiddleware, routes=app.router.routes, keys=state.api_keys, public=public_paths(auth))
+    if auth.cors_allow_origins:
+        app.add_middleware(OpenAICORSMiddleware, **cors_options(auth))  # type: ignore[arg-type]
+    server = state.settings.server
+    app.add_middleware(
+        RequestLimitsMiddleware,
+        max_body_bytes=server.max_body_bytes,
+        max_header_bytes=server.max_header_bytes,
+        max_header_count=server.max_header_count,
+    )
+    app.add_middleware(MetricsMiddleware, metrics=state.metrics)
 
 
 async def _start_engine(state: AppState) -> None:
@@ -173,7 +233,7 @@ async def _watch_engine(state: AppState) -> None:
     """Polls the engine; a dead engine makes /ready fail and the process exit non-zero."""
     while True:
         await asyncio.sleep(ENGINE_WATCH_INTERVAL_SECONDS)
-        if state.engine.is_dead and not state.draining:
+        if state.engine.is_dead:
             state.metrics.engine_ready.set(0)
             state.startup_error = "the inference engine died"
             state.on_fatal(4, "the inference engine died")
@@ -184,9 +244,16 @@ async def _require_ready(request: Request) -> AppState:
     # async: FastAPI runs a plain `def` dependency in a worker thread, one thread hop per request.
     state: AppState = request.app.state.gemma
     if state.draining:
-        raise ServiceUnavailableError("the server is shutting down", headers={"Retry-After": "5"})
+        state.metrics.rejected.labels("draining").inc()
+        raise ServiceUnavailableError(
+            "the server is shutting down; retry on another replica",
+            code="server_shutting_down",
+            headers=state.retry_after,
+        )
+    if state.startup_error is not None:
+        raise ServiceUnavailableError("the inference engine has stopped; the server is restarting")
     if not state.engine.is_ready:  # requests may arrive before the self-test has finished: fine
-        raise ServiceUnavailableError("the model is still loading; retry shortly", headers={"Retry-After": "5"})
+        raise ServiceUnavailableError("the model is still loading; retry shortly", headers=state.retry_after)
     return state
 
 
@@ -226,7 +293,8 @@ def _add_routes(app: FastAPI, state: AppState) -> None:
         tags=["chat"],
     )
     async def chat_completions(body: ChatCompletionRequest, request: Request, ready: ReadyState) -> Response:
-        return await ready.chat.create(body, request)
+        async with ready.admission.slot(estimate_chat_prompt_tokens(body), request) as slot:
+            return slot.hold(await ready.chat.create(body, request))
 
     @app.post(
         "/v1/completions",
@@ -235,7 +303,8 @@ def _add_routes(app: FastAPI, state: AppState) -> None:
         tags=["completions"],
     )
     async def completions(body: CompletionRequest, request: Request, ready: ReadyState) -> Response:
-        return await ready.completions.create(body, request)
+        async with ready.admission.slot(estimate_completion_prompt_tokens(body), request) as slot:
+            return slot.hold(await ready.completions.create(body, request))
 
     @app.post("/tokenize", response_model=TokenizeResponse, responses=ERROR_RESPONSES, tags=["tokenizer"])
     async def tokenize(body: TokenizeRequest, ready: ReadyState) -> Response:

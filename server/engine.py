@@ -86,6 +86,7 @@ class VllmEngine:
         self._defaults: dict[str, Any] = {}
         self._stats_task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._active: set[str] = set()  # request ids being generated, for abort_all
 
     # ---- lifetime -------------------------------------------------------------------------
 
@@ -179,10 +180,19 @@ class VllmEngine:
         params = self._sampling_params(options)
         want_logprobs = options.logprobs is not None
         want_prompt_logprobs = options.prompt_logprobs is not None
+        self._active.add(request_id)
         try:
             async for output in llm.generate(prompt.engine_input, params, request_id):
-                yield _step_from_output(output, want_logprobs=want_logprobs, want_prompt_logprobs=want_prompt_logprobs)
+                step = _step_from_output(output, want_logprobs=want_logprobs, want_prompt_logprobs=want_prompt_logprobs)
                 want_prompt_logprobs = False  # they come with the first output only
+                if any(choice.finish_reason == "abort" for choice in step.choices):
+                    # Only `abort_all` (the end of a drain) aborts from outside; a client that goes
+                    # away cancels the generator instead and never sees this.
+                    raise ServiceUnavailableError(
+                        "the server stopped this request while shutting down; retry on another replica",
+                        code="server_shutting_down",
+                    )
+                yield step
         except EngineDeadError as exc:
             raise ServiceUnavailableError("the inference engine has stopped") from exc
         except VLLMClientError as exc:
@@ -192,10 +202,19 @@ class VllmEngine:
             if isinstance(cause, (ValueError, VLLMClientError)):
                 raise _bad_request(cause) from exc
             raise EngineError("the engine failed to generate a response") from exc
+        finally:
+            self._active.discard(request_id)
 
     async def abort(self, request_id: str) -> None:
         if self._llm is not None:
             await self._llm.abort(request_id)
+
+    async def abort_all(self) -> int:
+        """Aborts every request being generated; their generators then raise ServiceUnavailableError."""
+        request_ids = list(self._active)
+        if self._llm is not None and request_ids and not self._llm.errored:
+            await self._llm.abort(request_ids)
+        return len(request_ids)
 
     def _sampling_params(self, options: SamplingOptions) -> SamplingParams:
         defaults = self._defaults

@@ -88,6 +88,20 @@ class PayloadTooLargeError(APIError):
     default_code = "request_too_large"
 
 
+class HeadersTooLargeError(APIError):
+    status_code = 431
+    error_type = "invalid_request_error"
+    default_code = "request_headers_too_large"
+
+
+class ClientClosedRequestError(APIError):
+    """The client went away before its answer was ready (nginx's 499); nobody reads the body."""
+
+    status_code = 499
+    error_type = "invalid_request_error"
+    default_code = "client_closed_request"
+
+
 class RateLimitError(APIError):
     """Admission refused: the server is at capacity. Always carries Retry-After."""
 

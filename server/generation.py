@@ -120,6 +120,10 @@ class EngineClient(Protocol):
 
     async def abort(self, request_id: str) -> None: ...
 
+    async def abort_all(self) -> int:
+        """Aborts every request being generated (end of a drain); returns how many there were."""
+        ...
+
     async def start(self) -> None:
         """Loads the model; returns once the engine can serve."""
         ...

@@ -16,10 +16,11 @@ so a typo such as `max_token` does not silently change the request.
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal
 
 import jsonschema
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 # Bounds on request fields. They keep one request from asking for unbounded work; the server's
 # admission control bounds the rest.
@@ -64,6 +65,27 @@ REFUSED_OPENAI_FIELDS = {
 class _Wire(BaseModel):
     # Unknown fields are kept (and ignored) in nested objects; see the module docstring for the top level.
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _no_non_finite_extras(self) -> Any:
+        # Python's JSON parser reads NaN and Infinity; declared fields refuse them (allow_inf_nan),
+        # and so do the ignored unknown ones: such a body is not JSON.
+        for name, value in (self.__pydantic_extra__ or {}).items():
+            if not _all_finite(value):
+                raise ValueError(f"{name}: must be a finite number (NaN and Infinity are not allowed)")
+        return self
+
+
+def _all_finite(value: Any, depth: int = 0) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if depth > 64:
+        return True
+    if isinstance(value, dict):
+        return all(_all_finite(item, depth + 1) for item in value.values())
+    if isinstance(value, list):
+        return all(_all_finite(item, depth + 1) for item in value)
+    return True
 
 
 def check_json_schema(schema: Any) -> dict[str, Any]:

@@ -228,7 +228,13 @@ class ChunkEncoder:
         finish_reason: str | None = None,
         logprobs: list[dict[str, Any]] | None = None,
     ) -> bytes:
-        if text and finish_reason is None and logprobs is None and not self.return_token_ids and not self.continuous_usage:
+        if (
+            text
+            and finish_reason is None
+            and logprobs is None
+            and not self.return_token_ids
+            and not self.continuous_usage
+        ):
             return b'%s%d,"delta":{"content":%s%s' % (self._text_prefix, index, orjson.dumps(text), self._text_suffix)
         delta: dict[str, Any] = {"content": text} if text or finish_reason is None else {}
         choice: dict[str, Any] = {

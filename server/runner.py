@@ -2,8 +2,8 @@
 
 Chat completions, text completions and the tokenizer routes all go through here, so what must
 happen around every engine call happens once: timing of the multimodal processor, in-flight and
-token metrics, time to first token, the count of generations that ended early, and (added by the
-admission work) the slot a generation holds while it runs, in `_generate`.
+token metrics, time to first token, the count of generations that ended early. (The admission slot
+a generation request holds is taken one level up, by the route, before any of this work starts.)
 
 `start` waits for the generation's first step before returning: errors the engine raises for a
 request (a bad parameter, a grammar it cannot compile, capacity) surface before any response byte
@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 from fastapi import Request
 
-from server.errors import APIError
+from server.errors import ClientClosedRequestError
 from server.generation import EngineClient, EnginePrompt, EngineStep, PreparedPrompt, SamplingOptions
 from server.metrics import Metrics
 
@@ -167,20 +167,12 @@ async def merge(iterators: list[Steps]) -> AsyncGenerator[tuple[int, EngineStep]
                 await iterator.aclose()
 
 
-class ClientClosedRequest(APIError):
-    """The client went away before its response was ready (logged as 499, as nginx does; nobody reads it)."""
-
-    status_code = 499
-    error_type = "client_closed_request"
-    default_code = "client_closed_request"
-
-
 async def cancel_on_disconnect(http_request: Request | None, work: Awaitable[T]) -> T:
     """Runs `work`; if the client disconnects first, cancels it (which aborts the engine request)."""
     if http_request is None:
         return await work
     task: asyncio.Future[T] = asyncio.ensure_future(work)
-    watcher: asyncio.Future[None] = asyncio.ensure_future(_wait_for_disconnect(http_request))
+    watcher: asyncio.Future[None] = asyncio.ensure_future(wait_for_disconnect(http_request))
     racers: set[asyncio.Future[Any]] = {task, watcher}
     try:
         done, _ = await asyncio.wait(racers, return_when=asyncio.FIRST_COMPLETED)
@@ -189,14 +181,15 @@ async def cancel_on_disconnect(http_request: Request | None, work: Awaitable[T])
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        raise ClientClosedRequest("the client disconnected")
+        raise ClientClosedRequestError("the client closed the connection")
     finally:
         watcher.cancel()
         if not task.done():
             task.cancel()
 
 
-async def _wait_for_disconnect(http_request: Request) -> None:
+async def wait_for_disconnect(http_request: Request) -> None:
+    """Returns when the client has gone away (reads and drops the rest of the request body)."""
     while True:
         message: Any = await http_request.receive()
         if message["type"] == "http.disconnect":

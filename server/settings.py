@@ -115,6 +115,24 @@ class ImageSettings(_Section):
         50_000_000, ge=1, description="Largest decoded image (width x height), checked before decoding."
     )
     fetch_timeout_seconds: float = Field(10.0, gt=0, description="Total time allowed to fetch one image URL.")
+    fetch_connect_timeout_seconds: float = Field(
+        5.0, gt=0, description="Time allowed to resolve and connect to an image host (each redirect hop)."
+    )
+    fetch_read_timeout_seconds: float = Field(
+        5.0, gt=0, description="Longest silence allowed between two reads from an image host."
+    )
+    max_redirects: int = Field(3, ge=0, le=10, description="Redirect hops followed when fetching an image URL.")
+    max_concurrent_fetches: int = Field(
+        16, ge=1, description="Image URLs fetched at once by the whole server; further fetches wait."
+    )
+    max_concurrent_decodes: int = Field(
+        4, ge=1, description="Images decoded at once (each may take max_pixels x 3 bytes); further decodes wait."
+    )
+    allowed_domains: list[str] = Field(
+        default_factory=list,
+        description="If set, image URLs may only name these hosts (example.com, or *.example.com for its "
+        "subdomains), on every redirect hop. Empty: any public host.",
+    )
     allow_private_networks: bool = Field(
         False,
         description="Let image URLs reach loopback/private addresses (development and tests only).",
@@ -165,6 +183,13 @@ class ServerSettings(_Section):
         description="Refuse (400) chat messages that do not fit Gemma 3's format instead of repairing them "
         "(merging consecutive turns, moving or merging system messages, inserting a first user turn).",
     )
+    max_header_bytes: int = Field(
+        64 * 2**10,
+        ge=4096,
+        description="Largest request head (request line and all headers); larger ones get 431 and the "
+        "connection is closed before the rest is buffered.",
+    )
+    max_header_count: int = Field(100, ge=16, description="Most header fields in one request; more get 431.")
 
 
 class AdmissionSettings(_Section):

@@ -65,7 +65,7 @@ def validation_error_to_api_error(errors: Sequence[dict[str, Any]]) -> BadReques
         message = message[len("Value error, ") :]
     if kind == "json_invalid":
         param = None
-    elif location == ("body",):
+    elif location == ("body",) and kind != "value_error":
         message = "the request body must be a JSON object"
     text = f"{param}: {message}" if param else message
     if len(errors) > 1:

@@ -1,5 +1,10 @@
 """Shared fixtures: the tiny checkpoint, an image host, and one live server for the whole session.
 
+Tests that stop or break a server use `sacrificial` servers of their own: started in the background
+one at a time (each engine takes several GB), the first once the offline oracle has exited. Tests
+marked `late(n)` run after all the others, in the order of n, so the sacrificial servers start
+while the ordinary tests run.
+
 A skipped test is a test that did not pass: the session fails if anything was skipped.
 """
 
@@ -10,8 +15,10 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -37,6 +44,14 @@ def tiny_model_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def image_host() -> Iterator[ImageHost]:
+    host = ImageHost().start()
+    yield host
+    host.stop()
+
+
+@pytest.fixture(scope="session")
+def canary() -> Iterator[ImageHost]:
+    """A listener on another loopback port that no image URL may ever reach (SSRF tests)."""
     host = ImageHost().start()
     yield host
     host.stop()
@@ -75,6 +90,11 @@ def oracle_results(offline_oracle_process: tuple[subprocess.Popen[bytes], Path, 
     return {result["name"]: result for result in data["results"]}
 
 
+def _selected(request: pytest.FixtureRequest, fixture: str) -> bool:
+    """Whether any test of this run uses `fixture` (directly or through other fixtures)."""
+    return any(fixture in getattr(item, "fixturenames", ()) for item in request.session.items)
+
+
 @pytest.fixture(scope="session")
 def vllm_peer_process(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmPeer]:
     """vLLM's own OpenAI server on the tiny model, started early so it overlaps the server's start."""
@@ -93,24 +113,24 @@ def vllm_peer(vllm_peer_process: VllmPeer) -> str:
 
 @pytest.fixture(scope="session")
 def live_server(
+    request: pytest.FixtureRequest,
     tiny_model_dir: Path,
     image_host: ImageHost,
     tmp_path_factory: pytest.TempPathFactory,
-    request: pytest.FixtureRequest,
 ) -> Iterator[LiveServer]:
     """The server on the tiny model, reachable image host allow-listed (private networks otherwise off).
 
     The references the selected tests need (the offline oracle, vLLM's server) start first, so their
     start-up overlaps ours; the others are not started at all (each engine costs 3-5 GB of RAM).
     """
-    selected = {name for item in request.session.items for name in item.fixturenames}
-    if "oracle_results" in selected:
+    if _selected(request, "oracle_results"):
         request.getfixturevalue("offline_oracle_process")
-    if "vllm_peer" in selected:
+    if _selected(request, "vllm_peer"):
         request.getfixturevalue("vllm_peer_process")
     log_path = tmp_path_factory.mktemp("live-server") / "server.log"
     env = {
         "GEMMA_SERVER_IMAGES__PRIVATE_NETWORK_ALLOWLIST": f'["127.0.0.1:{image_host.port}"]',
+        "GEMMA_SERVER_IMAGES__FETCH_TIMEOUT_SECONDS": "3",  # the slow-drip image host test waits this long
         "GEMMA_SERVER_SERVER__LOG_LEVEL": "info",
         **LIVE_SERVER_SETTINGS_ENV,
     }
@@ -118,10 +138,116 @@ def live_server(
     try:
         server.wait_ready()
         print(f"\nlive server ready in {server.ready_after:.1f} s (log: {log_path})")
+        if _selected(request, "sacrificial"):
+            request.getfixturevalue("sacrificial")  # starts the first one in the background
         yield server
     finally:
         code = server.stop()
         print(f"\nlive server stopped with exit code {code}")
+
+
+FAULT_KEY_ENV = "sk-fault-env-0123456789"
+FAULT_KEY_FILE = "sk-fault-file-abcdefghij"
+FAULT_ORIGIN = "https://app.example"
+FAULT_CAPACITY = {"max_in_flight": 10, "max_waiting": 6}
+FAULT_DRAIN_SECONDS = 20
+
+
+class SacrificialServers:
+    """Servers that tests stop or break, configured alike: small admission capacity (10 in flight,
+    6 waiting), API keys (from the environment and from a file), CORS for one origin, a 20 s drain
+    window and a small KV cache. `launch(name)` starts one in the background; `ready(name)` waits."""
+
+    def __init__(self, folder: Path, image_host: ImageHost, wanted: set[str]) -> None:
+        self.folder = folder
+        self.wanted = wanted  # servers some selected test uses (through a `<name>_server` fixture)
+        key_file = folder / "api-keys"
+        key_file.write_text(f"# keys, one per line\n{FAULT_KEY_FILE}\n")
+        self.env = {
+            "GEMMA_SERVER_IMAGES__PRIVATE_NETWORK_ALLOWLIST": f'["127.0.0.1:{image_host.port}"]',
+            "GEMMA_SERVER_ADMISSION__MAX_IN_FLIGHT": str(FAULT_CAPACITY["max_in_flight"]),
+            "GEMMA_SERVER_ADMISSION__MAX_WAITING": str(FAULT_CAPACITY["max_waiting"]),
+            "GEMMA_SERVER_ADMISSION__RETRY_AFTER_SECONDS": "2",
+            "GEMMA_SERVER_AUTH__API_KEYS": json.dumps([FAULT_KEY_ENV]),
+            "GEMMA_SERVER_AUTH__API_KEYS_FILE": str(key_file),
+            "GEMMA_SERVER_AUTH__CORS_ALLOW_ORIGINS": json.dumps([FAULT_ORIGIN]),
+            "GEMMA_SERVER_SERVER__DRAIN_TIMEOUT_SECONDS": str(FAULT_DRAIN_SECONDS),
+            "GEMMA_SERVER_ENGINE__KV_CACHE_MEMORY_BYTES": str(64 * 2**20),
+            # Image fetches held open by the image host's /gate keep admission slots busy.
+            "GEMMA_SERVER_IMAGES__FETCH_TIMEOUT_SECONDS": "120",
+            "GEMMA_SERVER_IMAGES__FETCH_READ_TIMEOUT_SECONDS": "120",
+        }
+        self.servers: dict[str, LiveServer] = {}
+        self._launchers: dict[str, threading.Thread] = {}
+
+    def launch(self, name: str, after: subprocess.Popen[bytes] | None = None) -> None:
+        """Starts server `name` in the background (once `after` has exited, if given)."""
+
+        def start() -> None:
+            if after is not None:
+                after.wait()
+            self.servers[name] = LiveServer(self.folder / f"{name}.log", self.env).start()
+
+        if name in self.wanted and name not in self._launchers:
+            self._launchers[name] = threading.Thread(target=start, daemon=True)
+            self._launchers[name].start()
+
+    def ready(self, name: str) -> LiveServer:
+        assert name in self.wanted, f"use the {name}_server fixture"
+        self.launch(name)
+        self._launchers[name].join()
+        server = self.servers[name].wait_ready()
+        print(f"\nsacrificial server {name!r} ready in {server.ready_after:.1f} s")
+        return server
+
+    def stop_all(self) -> None:
+        for launcher in self._launchers.values():
+            launcher.join()
+        for name, server in self.servers.items():
+            print(f"\nsacrificial server {name!r} ended with exit code {server.stop(timeout=30)}")
+
+
+@pytest.fixture(scope="session")
+def sacrificial(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, image_host: ImageHost
+) -> Iterator[SacrificialServers]:
+    wanted = {name for name in ("drain", "engine_death") if _selected(request, f"{name}_server")}
+    servers = SacrificialServers(tmp_path_factory.mktemp("sacrificial"), image_host, wanted)
+    oracle = request.getfixturevalue("offline_oracle_process")[0] if _selected(request, "oracle_results") else None
+    servers.launch("drain", after=oracle)  # once the oracle's engine is gone
+    yield servers
+    servers.stop_all()
+
+
+_FIGURES: list[str] = []
+
+
+@pytest.fixture(scope="session")
+def report() -> Callable[[str], None]:
+    """Records a measured figure; all of them are printed at the end of the run (captured output
+    of passing tests is not shown)."""
+    return _FIGURES.append
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if _FIGURES:
+        terminalreporter.section("measured figures")
+        for line in _FIGURES:
+            terminalreporter.write_line(line)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "late(order): run after all other tests, in this order (tests on servers they stop or break)"
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    def order(item: pytest.Item) -> tuple[int, float]:
+        marker = item.get_closest_marker("late")
+        return (1, float(marker.args[0])) if marker else (0, 0.0)
+
+    items.sort(key=order)  # stable: everything else keeps its order
 
 
 @pytest.fixture(scope="session")

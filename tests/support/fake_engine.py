@@ -1,21 +1,37 @@
-"""A scripted `EngineClient`: the serving logic runs in process, the model's text is chosen by the test.
+"""In-process stand-ins for `server.generation.EngineClient`, for fast tests of one layer.
 
-It has the real tokenizer of the tiny checkpoint, so prompts are real; `reply(prompt_text, options)`
-gives the text each choice "generates", streamed token by token when the request streams. It
-records every `SamplingOptions` it was asked to use.
+- `ScriptedEngine`: the real tokenizer of the tiny checkpoint, so prompts are real; `reply(prompt_text,
+  options)` gives the text each choice "generates", streamed token by token when the request streams.
+  It records every `SamplingOptions` it was asked to use. For the API surface (chat, completions,
+  tools, logprobs) without vLLM.
+- `PacedEngine` (with `running_app`): no tokenizer, no model; every generated token is "tok " and
+  takes `token_seconds`; `fail_after` makes generation raise after that many tokens (an engine error
+  mid-stream); `abort_all` ends running generations the way `server/engine.py` does. For what sits in
+  front of the engine: auth, CORS, limits, admission, drain, error shapes.
+
+The live tests never use these: they run the real engine.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
+import httpx
+from asgi_lifespan import LifespanManager
+from fastapi import FastAPI
+
+from server.app import create_app
+from server.errors import EngineError, ServiceUnavailableError
 from server.generation import ChoiceDelta, EnginePrompt, EngineStep, PreparedPrompt, SamplingOptions, TokenLogprob
+from server.settings import Settings
 
 Reply = Callable[[str, SamplingOptions], str]
 
 
-class FakeEngine:
+class ScriptedEngine:
     model_name = "fake-gemma"
     max_model_len = 1024
 
@@ -87,8 +103,120 @@ class FakeEngine:
     async def abort(self, request_id: str) -> None:
         pass
 
+    async def abort_all(self) -> int:
+        return 0
+
     async def start(self) -> None:
         pass
 
     def shutdown(self) -> None:
         pass
+
+
+# ---- the paced engine, for the front door --------------------------------------------------
+
+MODEL = "fake-gemma"
+
+
+class FakeTokenizer:
+    def apply_chat_template(self, messages: list[dict[str, Any]], **_: Any) -> str:
+        parts = []
+        for message in messages:
+            content = message["content"]
+            if isinstance(content, list):
+                content = " ".join(p.get("text", "<image>") for p in content)
+            parts.append(f"<{message['role']}>{content}")
+        return "".join(parts)
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return [ord(ch) % 1000 for ch in text[:4000]]
+
+    def decode(self, token_ids: list[int], **_: Any) -> str:
+        return "".join(chr(token) for token in token_ids)
+
+    def __len__(self) -> int:
+        return 1000
+
+
+class PacedEngine:
+    def __init__(self, token_seconds: float = 0.0, fail_after: int | None = None) -> None:
+        self.model_name = MODEL
+        self.max_model_len = 8192
+        self.token_seconds = token_seconds
+        self.fail_after = fail_after
+        self.tokenizer = FakeTokenizer()
+        self.is_ready = False
+        self.is_dead = False
+        self.generating = 0
+        self.started = 0
+        self._aborted: set[str] = set()
+        self._active: set[str] = set()
+
+    def default_sampling(self) -> dict[str, Any]:
+        return {}
+
+    async def start(self) -> None:
+        self.is_ready = True
+
+    def shutdown(self) -> None:
+        self.is_ready = False
+
+    async def prepare(self, prompt: EnginePrompt) -> PreparedPrompt:
+        return PreparedPrompt(
+            token_ids=list(prompt.token_ids), num_image_tokens=4 * len(prompt.images), engine_input=None
+        )
+
+    async def generate(
+        self, prompt: PreparedPrompt, options: SamplingOptions, request_id: str
+    ) -> AsyncIterator[EngineStep]:
+        self.started += 1
+        self.generating += 1
+        self._active.add(request_id)
+        try:
+            for produced in range(1, options.max_tokens + 1):
+                await asyncio.sleep(self.token_seconds)
+                if request_id in self._aborted:
+                    raise ServiceUnavailableError("the server stopped this request while shutting down")
+                if self.fail_after is not None and produced > self.fail_after:
+                    raise EngineError("the engine failed to generate a response")
+                last = produced == options.max_tokens
+                choices = [
+                    ChoiceDelta(index=i, text="tok ", token_ids=[7], finish_reason="length" if last else None)
+                    for i in range(options.n)
+                ]
+                if options.stream or last:
+                    yield EngineStep(choices=choices, finished=last)
+        finally:
+            self.generating -= 1
+            self._active.discard(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        self._aborted.add(request_id)
+
+    async def abort_all(self) -> int:
+        self._aborted |= self._active
+        return len(self._active)
+
+
+def fake_settings(**sections: dict[str, Any]) -> Settings:
+    base: dict[str, dict[str, Any]] = {"model": {"served_name": MODEL}}
+    for name, values in sections.items():
+        base.setdefault(name, {}).update(values)
+    return Settings(**base)
+
+
+@asynccontextmanager
+async def running_app(
+    settings: Settings, engine: PacedEngine | None = None
+) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient, PacedEngine]]:
+    """The real app on the fake engine, served in process (no sockets)."""
+    engine = engine or PacedEngine()
+    app = create_app(settings, engine=engine, start_engine=engine.start)
+    async with LifespanManager(app) as manager:
+        for _ in range(100):
+            if app.state.gemma.ready:
+                break
+            await asyncio.sleep(0.01)
+        transport = httpx.ASGITransport(app=manager.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver", timeout=30) as client:
+            yield app, client, engine

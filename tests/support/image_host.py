@@ -1,12 +1,15 @@
 """A local HTTP server that hosts test images (and misbehaves on purpose on some paths).
 
 Paths: /img/<name> serves a registered image; /redirect?to=<url> answers 302; /status/<code>;
-/html (a web page, not an image); /slow (drips bytes forever); /big (endless bytes).
+/html (a web page, not an image); /slow (drips bytes forever); /big (endless bytes);
+/endless (a PNG signature, then endless bytes, no Content-Length); /gzip (a gzip-encoded body);
+/gate/<name> (serves a registered image once the test opens `gate`: fetches that stay in flight).
 Every request is recorded in `requests`, so SSRF tests can assert that a canary got nothing.
 """
 
 from __future__ import annotations
 
+import gzip
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -17,6 +20,8 @@ class ImageHost:
     def __init__(self) -> None:
         self.files: dict[str, tuple[bytes, str]] = {}
         self.requests: list[str] = []
+        self.gate = threading.Event()
+        self.gate.set()
         host = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -28,6 +33,10 @@ class ImageHost:
                 parts = urlsplit(self.path)
                 if parts.path.startswith("/img/") and parts.path[5:] in host.files:
                     data, mime = host.files[parts.path[5:]]
+                    self._send(200, data, mime)
+                elif parts.path.startswith("/gate/") and parts.path[6:] in host.files:
+                    host.gate.wait(300)
+                    data, mime = host.files[parts.path[6:]]
                     self._send(200, data, mime)
                 elif parts.path == "/redirect":
                     target = parse_qs(parts.query).get("to", ["/"])[0]
@@ -43,6 +52,16 @@ class ImageHost:
                     self._drip(delay=0.5)
                 elif parts.path == "/big":
                     self._drip(delay=0.0)
+                elif parts.path == "/endless":
+                    self._drip(delay=0.0, head=b"\x89PNG\r\n\x1a\n")
+                elif parts.path == "/gzip":
+                    self.send_response(200)
+                    self.send_header("Content-Type", "image/png")
+                    self.send_header("Content-Encoding", "gzip")
+                    body = gzip.compress(b"\x89PNG\r\n\x1a\n" + bytes(1_000_000))
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
                 else:
                     self._send(404, b"not found", "text/plain")
 
@@ -53,11 +72,12 @@ class ImageHost:
                 self.end_headers()
                 self.wfile.write(data)
 
-            def _drip(self, delay: float) -> None:
+            def _drip(self, delay: float, head: bytes = b"") -> None:
                 self.send_response(200)
                 self.send_header("Content-Type", "image/png")
                 self.end_headers()
                 try:
+                    self.wfile.write(head)
                     for _ in range(100_000):
                         self.wfile.write(b"\x89PNG" * 1024 if delay == 0 else b"x")
                         self.wfile.flush()

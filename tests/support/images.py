@@ -38,3 +38,28 @@ def jpeg_bytes(
     width: int = 640, height: int = 480, color: tuple[int, int, int] = (30, 90, 200), quality: int = 90
 ) -> bytes:
     return encode(make_image(width, height, color), "JPEG", quality=quality)
+
+
+def png_bomb(width: int = 60_000, height: int = 60_000) -> bytes:
+    """A real, complete 1-bit PNG of `width` x `height` black pixels: a few hundred kilobytes that
+    would decode to gigabytes (60k x 60k: 3.6 gigapixels, 10.8 GB as RGB)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    row = bytes(1 + (width + 7) // 8)  # filter byte 0, then zero bits
+    compressor = zlib.compressobj(9)
+    parts = [compressor.compress(row * 1000) for _ in range(height // 1000)]
+    parts.append(compressor.compress(row * (height % 1000)))
+    parts.append(compressor.flush())
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # 1-bit greyscale
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b"")
+
+
+def animated_gif(frames: int = 200, size: int = 64) -> bytes:
+    images = [make_image(size, size, ((i * 37) % 256, (i * 11) % 256, 90)).convert("P") for i in range(frames)]
+    buffer = io.BytesIO()
+    images[0].save(buffer, "GIF", save_all=True, append_images=images[1:], duration=20, loop=0)
+    return buffer.getvalue()

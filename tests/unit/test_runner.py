@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from server.errors import BadRequestError
+from server.errors import BadRequestError, ClientClosedRequestError
 from server.generation import ChoiceDelta, EngineStep, PreparedPrompt, SamplingOptions
 from server.metrics import Metrics
-from server.runner import ClientClosedRequest, EngineRunner, cancel_on_disconnect, merge, start_all
+from server.runner import EngineRunner, cancel_on_disconnect, merge, start_all
 
 
 class ScriptedEngine:
@@ -87,7 +87,7 @@ async def test_disconnect_cancels_the_work() -> None:
         async for _ in steps:
             pass
 
-    with pytest.raises(ClientClosedRequest) as caught:
+    with pytest.raises(ClientClosedRequestError) as caught:
         await cancel_on_disconnect(DisconnectingRequest(), consume())  # type: ignore[arg-type]
     assert caught.value.status_code == 499
     assert engine.closed == ["slow"]

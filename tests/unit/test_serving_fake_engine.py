@@ -19,7 +19,7 @@ from asgi_lifespan import LifespanManager
 from server.app import create_app
 from server.generation import SamplingOptions
 from server.settings import Settings
-from tests.support.fake_engine import FakeEngine
+from tests.support.fake_engine import ScriptedEngine
 
 WEATHER = {
     "type": "function",
@@ -50,9 +50,11 @@ class Scripted:
 
 
 @pytest.fixture
-async def served(tokenizer: Any) -> AsyncIterator[tuple[openai.AsyncOpenAI, FakeEngine, Scripted, httpx.AsyncClient]]:
+async def served(
+    tokenizer: Any,
+) -> AsyncIterator[tuple[openai.AsyncOpenAI, ScriptedEngine, Scripted, httpx.AsyncClient]]:
     script = Scripted()
-    engine = FakeEngine(tokenizer, script)
+    engine = ScriptedEngine(tokenizer, script)
 
     async def start() -> None:
         pass
@@ -207,7 +209,7 @@ async def test_request_field_policy(served) -> None:  # type: ignore[no-untyped-
 
 
 async def test_strict_messages_setting_refuses_repairs(tokenizer: Any) -> None:
-    engine = FakeEngine(tokenizer, Scripted())
+    engine = ScriptedEngine(tokenizer, Scripted())
 
     async def start() -> None:
         pass

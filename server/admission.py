@@ -1,0 +1,274 @@
+"""Admission control: how many generation requests run at once, how many may wait, and draining.
+
+vLLM's own waiting queue is unbounded; this is the bound in front of it. A generation request asks
+for a slot before any expensive work (image fetching and decoding, the multimodal processor,
+generation):
+
+    async with admission.slot(estimated_prompt_tokens, http_request) as slot:
+        return slot.hold(await service.create(body, http_request))
+
+- fewer than `max_in_flight` slots taken and nobody waiting: admitted at once;
+- otherwise it waits in FIFO order, if fewer than `max_waiting` requests and at most
+  `max_waiting_prompt_tokens` prompt tokens (an estimate from the request's size, since the prompt
+  is not built yet) are waiting; beyond either bound it gets 429 with Retry-After at once;
+- while draining (SIGTERM), new and still-waiting requests get 503 with Retry-After.
+
+A slot is released when the `async with` block ends, or, for a streamed response handed to
+`slot.hold`, when the stream has been sent (or the client went away). A client that disconnects
+while waiting leaves the queue at once and never reaches the engine. Time spent waiting is exported
+as `gemma_server_queue_time_seconds`; the waiting count as `gemma_server_requests_waiting`;
+refusals as `gemma_server_rejected_requests_total{reason}`.
+
+This module imports neither vLLM nor the engine; it only counts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from fastapi import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from server.errors import ClientClosedRequestError, RateLimitError, ServiceUnavailableError
+from server.metrics import Metrics
+from server.protocol import ChatCompletionRequest, CompletionRequest, ImagePart, TextPart
+from server.runner import wait_for_disconnect
+from server.settings import AdmissionSettings
+
+# Until the prompt is built, its size is estimated: about 3 characters per token (an over-estimate
+# for most text with Gemma's tokenizer) and Gemma 3's 256 soft tokens plus markers per image.
+CHARS_PER_TOKEN = 3
+TOKENS_PER_IMAGE = 260
+
+
+def estimate_prompt_tokens(chars: int, images: int = 0) -> int:
+    """Any generation request's prompt size before it is built (e.g. /v1/completions: its prompt)."""
+    return 1 + chars // CHARS_PER_TOKEN + images * TOKENS_PER_IMAGE
+
+
+def estimate_completion_prompt_tokens(request: CompletionRequest) -> int:
+    """Token id prompts count exactly; text ones are estimated."""
+    total = 0
+    for prompt in request.prompts:
+        total += len(prompt) if isinstance(prompt, list) else estimate_prompt_tokens(len(prompt))
+    return max(total, 1)
+
+
+def estimate_chat_prompt_tokens(request: ChatCompletionRequest) -> int:
+    chars = 0
+    images = 0
+    for message in request.messages:
+        content = message.content
+        if isinstance(content, str):
+            chars += len(content)
+            continue
+        for part in content or ():
+            if isinstance(part, TextPart):
+                chars += len(part.text)
+            elif isinstance(part, ImagePart):
+                images += 1
+    return estimate_prompt_tokens(chars, images)
+
+
+@dataclass(eq=False)
+class _Waiter:
+    tokens: int
+    future: asyncio.Future[None]
+    arrived: float = field(default_factory=time.perf_counter)
+
+
+class Admission:
+    def __init__(self, settings: AdmissionSettings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self._in_flight = 0
+        self._waiting: deque[_Waiter] = deque()
+        self._waiting_tokens = 0
+        self._draining = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def waiting_tokens(self) -> int:
+        return self._waiting_tokens
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    @property
+    def retry_after(self) -> dict[str, str]:
+        return {"Retry-After": str(self.settings.retry_after_seconds)}
+
+    @contextlib.asynccontextmanager
+    async def slot(self, prompt_tokens: int, http_request: Request | None = None) -> AsyncIterator[Slot]:
+        """Holds one in-flight slot for the block (or, via `Slot.hold`, for a streamed response)."""
+        try:
+            await self._acquire(prompt_tokens, http_request)
+        except asyncio.CancelledError as exc:
+            raise _client_gone(self.metrics, "client_disconnected_while_waiting", exc) from None
+        slot = Slot(self)
+        try:
+            yield slot
+        except asyncio.CancelledError as exc:
+            slot.release()
+            raise _client_gone(self.metrics, "client_disconnected", exc) from None
+        except BaseException:
+            slot.release()
+            raise
+        if not slot.held:
+            slot.release()
+
+    async def _acquire(self, tokens: int, http_request: Request | None) -> None:
+        if self._draining:
+            self.metrics.rejected.labels("draining").inc()
+            raise self._draining_error()
+        if self._in_flight < self.settings.max_in_flight and not self._waiting:
+            self._take()
+            self.metrics.queue_time.observe(0.0)
+            return
+        if (
+            len(self._waiting) >= self.settings.max_waiting
+            or self._waiting_tokens + tokens > self.settings.max_waiting_prompt_tokens
+        ):
+            self.metrics.rejected.labels("capacity").inc()
+            raise RateLimitError(
+                "the server is at capacity; retry after a moment",
+                headers=self.retry_after,
+            )
+        waiter = _Waiter(tokens, asyncio.get_running_loop().create_future())
+        self._waiting.append(waiter)
+        self._waiting_tokens += tokens
+        self._publish_waiting()
+        try:
+            await _wait_unless_disconnected(waiter.future, http_request)
+        except BaseException:
+            if waiter.future.done() and not waiter.future.cancelled() and waiter.future.exception() is None:
+                self._release()  # admitted at the same moment it gave up: give the slot back
+            self._forget(waiter)
+            raise
+        self.metrics.queue_time.observe(time.perf_counter() - waiter.arrived)
+
+    def _take(self) -> None:
+        self._in_flight += 1
+        self._idle.clear()
+
+    def _release(self) -> None:
+        self._in_flight -= 1
+        while self._waiting and self._in_flight < self.settings.max_in_flight:
+            waiter = self._waiting.popleft()
+            self._waiting_tokens -= waiter.tokens
+            if not waiter.future.done():
+                self._take()
+                waiter.future.set_result(None)
+        self._publish_waiting()
+        if self._in_flight == 0:
+            self._idle.set()
+
+    def _forget(self, waiter: _Waiter) -> None:
+        if waiter in self._waiting:
+            self._waiting.remove(waiter)
+            self._waiting_tokens -= waiter.tokens
+            self._publish_waiting()
+
+    def _publish_waiting(self) -> None:
+        self.metrics.requests_waiting.set(len(self._waiting))
+
+    def _draining_error(self) -> ServiceUnavailableError:
+        return ServiceUnavailableError(
+            "the server is shutting down; retry on another replica",
+            code="server_shutting_down",
+            headers=self.retry_after,
+        )
+
+    def start_draining(self) -> None:
+        """Refuses new requests and sends every waiting one away with 503; in-flight ones go on."""
+        self._draining = True
+        while self._waiting:
+            waiter = self._waiting.popleft()
+            self._waiting_tokens -= waiter.tokens
+            if not waiter.future.done():
+                self.metrics.rejected.labels("draining").inc()
+                waiter.future.set_exception(self._draining_error())
+        self._publish_waiting()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """True once no slot is taken; False if `timeout` seconds pass first."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
+
+
+class Slot:
+    def __init__(self, admission: Admission) -> None:
+        self._admission = admission
+        self._released = False
+        self.held = False
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._admission._release()
+
+    def hold(self, response: Response) -> Response:
+        """Keeps the slot until a streamed response has been sent; other responses release it at once."""
+        if not isinstance(response, StreamingResponse):
+            return response
+        self.held = True
+        return _SlotHoldingStreamingResponse(response, self)
+
+
+class _SlotHoldingStreamingResponse(StreamingResponse):
+    """The same streamed response, releasing its admission slot when sending ends, however it ends."""
+
+    def __init__(self, inner: StreamingResponse, slot: Slot) -> None:
+        self.__dict__.update(inner.__dict__)
+        self._slot = slot
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._slot.release()
+
+
+def _client_gone(metrics: Metrics, reason: str, exc: asyncio.CancelledError) -> BaseException:
+    """What to raise for a CancelledError: itself if the task is really being cancelled (shutdown);
+    otherwise it came from a disconnect watcher and the client is gone: 499, which nobody reads."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        return exc
+    metrics.aborted.labels(reason).inc()
+    return ClientClosedRequestError("the client closed the connection")
+
+
+async def _wait_unless_disconnected(future: asyncio.Future[None], http_request: Request | None) -> None:
+    if http_request is None:
+        await future
+        return
+    watcher = asyncio.ensure_future(wait_for_disconnect(http_request))
+    try:
+        done, _ = await asyncio.wait({future, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if future in done:
+        future.result()
+        return
+    raise asyncio.CancelledError("client disconnected while waiting for admission")

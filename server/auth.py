@@ -1,0 +1,183 @@
+"""API keys and CORS.
+
+Keys come from `auth.api_keys` (the YAML file or `GEMMA_SERVER_AUTH__API_KEYS='["k1","k2"]'`)
+and from `auth.api_keys_file` (one key per line, `#` comments; re-read when it changes, so a
+rotated Kubernetes Secret takes effect without a restart). Auth is on when either is set; a
+configured file that is empty still turns it on (fail closed).
+
+`AuthMiddleware` decides on the route the request will actually be dispatched to: it runs the
+app's own route matching on the request's path (never on a URL rebuilt from the Host header).
+Only `/health`, `/ready` and (if `auth.metrics_public`) `/metrics` answer without a key; every other
+route, and every path no route matches, needs `Authorization: Bearer <key>`. The presented key is
+hashed and compared with every configured key's hash by `hmac.compare_digest`, without stopping at
+the first match: neither its content nor its length changes the timing.
+
+CORS is off unless `auth.cors_allow_origins` is set; then Starlette's CORSMiddleware runs outside
+the auth check (browsers send preflights without credentials), with refusals in OpenAI's shape.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+from starlette.datastructures import Headers
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Match
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from server.errors import AuthenticationError, BadRequestError
+from server.normalize import NORMALIZED_HEADER
+from server.settings import AuthSettings
+
+log = logging.getLogger(__name__)
+
+PROBE_PATHS = frozenset({"/health", "/ready"})
+KEY_FILE_RECHECK_SECONDS = 2.0
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+def read_key_file(path: Path) -> list[str]:
+    keys = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            keys.append(line)
+    return keys
+
+
+class ApiKeys:
+    def __init__(self, settings: AuthSettings) -> None:
+        self._static = [_digest(key.strip()) for key in settings.api_keys if key.strip()]
+        self._file = Path(os.path.expanduser(settings.api_keys_file)) if settings.api_keys_file else None
+        self.enabled = bool(self._static) or self._file is not None
+        self._from_file: list[bytes] = []
+        self._file_stamp: tuple[float, int] | None = None
+        self._checked_at = 0.0
+        if self._file is not None:
+            self._load_file()  # an unreadable key file at start-up is a configuration error
+
+    def _load_file(self) -> None:
+        assert self._file is not None
+        stat = self._file.stat()
+        self._from_file = [_digest(key) for key in read_key_file(self._file)]
+        self._file_stamp = (stat.st_mtime, stat.st_size)
+        if not self._from_file:
+            log.warning("the API key file has no keys: only keys from the configuration are accepted")
+
+    def _maybe_reload(self) -> None:
+        now = time.monotonic()
+        if self._file is None or now - self._checked_at < KEY_FILE_RECHECK_SECONDS:
+            return
+        self._checked_at = now
+        try:
+            stat = self._file.stat()
+            if (stat.st_mtime, stat.st_size) != self._file_stamp:
+                self._load_file()
+                log.info("API key file changed: %d key(s) loaded", len(self._from_file))
+        except OSError:
+            log.warning("the API key file cannot be read; keeping the keys loaded before")
+
+    def accepts(self, presented: str) -> bool:
+        self._maybe_reload()
+        digest = _digest(presented)
+        accepted = False
+        for known in (*self._static, *self._from_file):
+            accepted |= hmac.compare_digest(digest, known)
+        return accepted
+
+
+def bearer_token(headers: Headers) -> str | None:
+    value = headers.get("authorization")
+    if value is None:
+        return None
+    scheme, _, token = value.strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()
+
+
+def public_paths(settings: AuthSettings) -> frozenset[str]:
+    return PROBE_PATHS | ({"/metrics"} if settings.metrics_public else set())
+
+
+class AuthMiddleware:
+    """Requires an API key for every route but the public ones, decided on the matched route."""
+
+    def __init__(self, app: ASGIApp, *, routes: Iterable[BaseRoute], keys: ApiKeys, public: frozenset[str]) -> None:
+        self.app = app
+        self.routes = routes  # the app's live route list: routes added later count too
+        self.keys = keys
+        self.public = public
+
+    def route_path(self, scope: Scope) -> str | None:
+        """The path template of the route Starlette will dispatch this request to (or one that
+        matches the path with another method), or None if no route matches."""
+        partial: str | None = None
+        for route in self.routes:
+            match, _ = route.matches(scope)
+            if match is Match.FULL:
+                return getattr(route, "path", None)
+            if match is Match.PARTIAL and partial is None:
+                partial = getattr(route, "path", None)
+        return partial
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket") or not self.keys.enabled:
+            await self.app(scope, receive, send)
+            return
+        if self.route_path(scope) in self.public:
+            await self.app(scope, receive, send)
+            return
+        token = bearer_token(Headers(scope=scope))
+        if token is not None and self.keys.accepts(token):
+            await self.app(scope, receive, send)
+            return
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        message = (
+            "Missing API key: send it as 'Authorization: Bearer <key>'"
+            if token is None
+            else "Incorrect API key provided"
+        )
+        error = AuthenticationError(message)
+        response = Response(
+            error.to_json(),
+            status_code=error.status_code,
+            media_type="application/json",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+        await response(scope, receive, send)
+
+
+class OpenAICORSMiddleware(CORSMiddleware):
+    """Starlette's CORS middleware; a refused preflight gets an OpenAI-shaped body."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code < 400:
+            return response
+        error = BadRequestError(bytes(response.body).decode(errors="replace"), code="cors_preflight_refused")
+        headers = {k: v for k, v in response.headers.items() if k.lower() not in ("content-length", "content-type")}
+        return Response(error.to_json(), status_code=400, media_type="application/json", headers=headers)
+
+
+def cors_options(settings: AuthSettings) -> dict[str, object]:
+    return {
+        "allow_origins": list(settings.cors_allow_origins),
+        "allow_methods": ["GET", "POST", "OPTIONS"],
+        "allow_headers": ["*"],  # the OpenAI SDKs send many x-stainless-* headers
+        "expose_headers": ["Retry-After", NORMALIZED_HEADER],  # readable by browser code
+        "allow_credentials": False,
+        "max_age": 600,
+    }

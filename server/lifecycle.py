@@ -1,0 +1,82 @@
+"""The process's lifetime under uvicorn: signals, the drain, and the exit code.
+
+The first SIGTERM drains: readiness fails at once (a flag, set in the signal handler itself), then
+`server.app.drain` refuses new and waiting work with 503 + Retry-After, lets in-flight requests run
+for `server.drain_timeout_seconds`, aborts what is left, and only then asks uvicorn to exit (which
+closes the listener, waits `GRACEFUL_SHUTDOWN_SECONDS` for connections, and shuts the engine down).
+SIGINT, or a second SIGTERM, stops without waiting for the drain.
+
+uvicorn re-raises the signal it caught once it has shut down, so a SIGTERM'd server died with -15
+whatever happened; `DrainingServer` does not, so the exit code is the one `serve` returns (0 after a
+drain, non-zero after an engine failure).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+from collections.abc import Awaitable, Callable
+from types import FrameType
+from typing import Any
+
+import uvicorn
+
+log = logging.getLogger(__name__)
+
+# uvicorn's wait for open connections after the drain (or after a fatal engine error).
+GRACEFUL_SHUTDOWN_SECONDS = 10
+
+
+class DrainingServer(uvicorn.Server):
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        *,
+        begin_draining: Callable[[], None],
+        drain: Callable[[], Awaitable[None]],
+    ) -> None:
+        super().__init__(config)
+        self._begin_draining = begin_draining
+        self._drain = drain
+        self.draining = False
+        self._drain_task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # Runs in the main thread between two bytecodes of the event loop: set flags, schedule work.
+        if sig == signal.SIGTERM and not self.draining and not self.should_exit and self._loop is not None:
+            log.info("SIGTERM: draining")
+            self.draining = True
+            self._begin_draining()  # readiness fails from this instant
+            self._loop.call_soon_threadsafe(self._start_drain)
+            return
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True
+        self.should_exit = True  # unlike uvicorn, the signal is not recorded to be re-raised
+
+    def _start_drain(self) -> None:
+        self._drain_task = asyncio.ensure_future(self._drain_then_exit())
+
+    async def _drain_then_exit(self) -> None:
+        try:
+            await self._drain()
+        except Exception:
+            log.exception("drain failed")
+        finally:
+            self.should_exit = True
+
+
+def http_protocol(max_header_bytes: int, max_header_count: int) -> Any:
+    """httptools with a bounded request head; h11 (bounded by its own option) without httptools."""
+    try:
+        from server.limits import header_limited_httptools_protocol
+
+        return header_limited_httptools_protocol(max_header_bytes, max_header_count)
+    except ImportError:
+        return "h11"

@@ -1,0 +1,401 @@
+"""Faults, on sacrificial live servers (see `SacrificialServers` in conftest): API keys and CORS as
+configured, overload past the admission bound, a client leaving while queued, SIGTERM with streams in
+flight (the "drain" server), and the engine process killed (the "engine_death" server).
+
+They run after every other test (`late`), on servers started in the background while the ordinary
+tests ran: the "drain" server once the offline oracle has exited, the "engine_death" server once the
+drain test has stopped the first one, so at most two engines (the shared one and one of these) are
+up at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+from tests.conftest import (
+    FAULT_CAPACITY,
+    FAULT_DRAIN_SECONDS,
+    FAULT_KEY_ENV,
+    FAULT_KEY_FILE,
+    FAULT_ORIGIN,
+    SERVED_MODEL,
+    SacrificialServers,
+)
+from tests.integration.test_hardening_http import CHAT, assert_healthy
+from tests.support.checks import assert_error_object, assert_openai_error, sse_events
+from tests.support.image_host import ImageHost
+from tests.support.images import encode, make_image
+from tests.support.live_server import LiveServer
+from tests.support.probes import metric, rss_mb, wait_for
+
+KEY = {"Authorization": f"Bearer {FAULT_KEY_ENV}"}
+PUBLIC = {"/health", "/ready", "/metrics"}
+CAPACITY = FAULT_CAPACITY["max_in_flight"] + FAULT_CAPACITY["max_waiting"]
+
+
+def _body(max_tokens: int, stream: bool = False, text: str = "Go on and on") -> dict[str, Any]:
+    return {
+        "model": SERVED_MODEL,
+        "messages": [{"role": "user", "content": text}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": stream,
+    }
+
+
+def _sampled_body(max_tokens: int, stream: bool, text: str) -> dict[str, Any]:
+    """A request that runs to max_tokens: greedy decoding on the random tiny model often falls into
+    end-of-sequence within a few hundred tokens (which ones depends on the batch); sampling at
+    temperature 1 over its 262k-token vocabulary almost never picks it."""
+    return {**_body(max_tokens, stream, text), "temperature": 1.0, "top_p": 1.0}
+
+
+def _long_body(stream: bool, text: str) -> dict[str, Any]:
+    return _sampled_body(7500, stream, text)
+
+
+@pytest.fixture(scope="module")
+def drain_server(sacrificial: SacrificialServers) -> LiveServer:
+    return sacrificial.ready("drain")
+
+
+@pytest.fixture(scope="module")
+def engine_death_server(sacrificial: SacrificialServers) -> LiveServer:
+    return sacrificial.ready("engine_death")
+
+
+# ---- API keys and CORS, live ----------------------------------------------------------------------
+
+
+@pytest.mark.late(1)
+def test_every_route_needs_a_key_except_the_probes(drain_server: LiveServer) -> None:
+    base = drain_server.base_url
+    spec = httpx.get(base + "/openapi.json", headers=KEY).json()
+    routes = [(method.upper(), path) for path, item in spec["paths"].items() for method in item]
+    routes += [("GET", "/docs"), ("GET", "/redoc"), ("GET", "/openapi.json"), ("GET", "/no/such/route")]
+    assert ("POST", CHAT) in routes and ("GET", "/health") in routes
+    for method, path in routes:
+        concrete = re.sub(r"\{[^}]+\}", SERVED_MODEL, path)
+        body = _body(2) if method == "POST" else None
+        anonymous = httpx.request(method, base + concrete, json=body, timeout=120)
+        if path in PUBLIC:
+            assert anonymous.status_code == 200, (method, path)
+            continue
+        assert_openai_error(anonymous, 401, "invalid_api_key")
+        keyed = httpx.request(method, base + concrete, json=body, headers=KEY, timeout=120)
+        assert keyed.status_code == (404 if path == "/no/such/route" else 200), (method, path, keyed.text)
+
+
+@pytest.mark.late(1)
+@pytest.mark.parametrize(
+    "authorization",
+    [
+        None,
+        "Bearer",
+        "Bearer wrong",
+        f"Bearer {FAULT_KEY_ENV[:-1]}",
+        f"Bearer {FAULT_KEY_ENV}0",
+        f"Bearer {'x' * len(FAULT_KEY_ENV)}",
+        f"Basic {FAULT_KEY_ENV}",
+    ],
+)
+def test_missing_wrong_and_wrong_length_keys_are_401(authorization: str | None, drain_server: LiveServer) -> None:
+    headers = {"Authorization": authorization} if authorization else {}
+    response = httpx.post(drain_server.base_url + CHAT, json=_body(2), headers=headers, timeout=60)
+    assert_openai_error(response, 401, "invalid_api_key")
+    assert response.headers["www-authenticate"] == "Bearer"
+    assert_healthy(drain_server.base_url, KEY)
+
+
+@pytest.mark.late(1)
+def test_keys_from_the_environment_and_from_the_file_both_work(drain_server: LiveServer) -> None:
+    for key in (FAULT_KEY_ENV, FAULT_KEY_FILE):
+        assert_healthy(drain_server.base_url, {"Authorization": f"Bearer {key}"})
+
+
+@pytest.mark.late(1)
+@pytest.mark.parametrize("host", ["localhost/health?", "127.0.0.1/ready#", "evil.example", "x" * 300])
+def test_host_header_tricks_do_not_bypass_auth(host: str, drain_server: LiveServer) -> None:
+    for path in ("/v1/models", "/health/../v1/models", "//v1/models", "/v1/models?/health"):
+        response = httpx.get(drain_server.base_url + path, headers={"Host": host})
+        assert_openai_error(response, 401)
+
+
+@pytest.mark.late(1)
+def test_cors_as_configured(drain_server: LiveServer) -> None:
+    url = drain_server.base_url + CHAT
+    preflight = httpx.options(
+        url,
+        headers={
+            "Origin": FAULT_ORIGIN,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type",
+        },
+    )
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] == FAULT_ORIGIN
+    refused = httpx.options(url, headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})
+    assert_openai_error(refused, 400)
+    answered = httpx.post(url, json=_body(2), headers={**KEY, "Origin": FAULT_ORIGIN}, timeout=60)
+    assert answered.status_code == 200 and answered.headers["access-control-allow-origin"] == FAULT_ORIGIN
+    foreign = httpx.post(url, json=_body(2), headers={**KEY, "Origin": "https://evil.example"}, timeout=60)
+    assert "access-control-allow-origin" not in foreign.headers
+
+
+# ---- overload and queued disconnects ----------------------------------------------------------------
+
+
+@pytest.mark.late(1)
+def test_four_times_the_capacity_at_once_gives_only_200s_and_429s(
+    drain_server: LiveServer, report: Callable[[str], None]
+) -> None:
+    base = drain_server.base_url
+    pid = drain_server.process.pid  # type: ignore[union-attr]
+    assert_healthy(base, KEY)
+    rss_before = rss_mb(pid)
+    rejected_before = metric(base, "gemma_server_rejected_requests_total", {"reason": "capacity"})
+
+    async def one(client: httpx.AsyncClient, index: int) -> tuple[int, str | None, float]:
+        started = time.monotonic()
+        stream = index % 2 == 1
+        response = await client.post(CHAT, json=_body(120, stream=stream, text=f"Request {index}"), headers=KEY)
+        if response.status_code == 200 and stream:
+            events = sse_events(response.text)
+            assert events[-1] == "[DONE]"
+            finish = [json.loads(e)["choices"][0]["finish_reason"] for e in events[:-1]]
+            assert finish[-1] in ("length", "stop"), response.text[-300:]
+        elif response.status_code == 429:
+            assert_openai_error(response, 429, "server_busy")
+            assert response.headers["retry-after"] == "2"
+        return response.status_code, response.headers.get("retry-after"), time.monotonic() - started
+
+    async def burst() -> list[tuple[int, str | None, float]]:
+        limits = httpx.Limits(max_connections=4 * CAPACITY)
+        async with httpx.AsyncClient(base_url=base, timeout=300, limits=limits) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(4 * CAPACITY)))
+
+    results = asyncio.run(burst())
+    statuses = Counter(status for status, _, _ in results)
+    rss_after = rss_mb(pid)
+    slowest = max(seconds for _, _, seconds in results)
+    report(
+        f"overload: {4 * CAPACITY} requests at once on capacity {CAPACITY}: {dict(statuses)}; slowest "
+        f"{slowest:.1f} s; RSS {rss_before:.0f} -> {rss_after:.0f} MiB"
+    )
+    assert set(statuses) <= {200, 429}, statuses
+    assert statuses[200] >= CAPACITY and statuses[429] >= 1
+    rejected = metric(base, "gemma_server_rejected_requests_total", {"reason": "capacity"}) - rejected_before
+    assert rejected == statuses[429]
+    assert rss_after - rss_before < 150
+    assert_healthy(base, KEY)
+
+
+@pytest.mark.late(1)
+def test_a_client_leaving_while_queued_never_reaches_the_engine(
+    drain_server: LiveServer, image_host: ImageHost
+) -> None:
+    """All slots are held by requests whose image fetch the image host keeps open; two more requests
+    queue, their clients give up, and they leave the queue without ever reaching the engine."""
+    base = drain_server.base_url
+    gated = image_host.add("gated.png", encode(make_image(48, 48), "PNG"))
+    url = gated.replace("/img/", "/gate/")
+    body = {**_body(2), "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]}
+    image_host.gate.clear()
+    results: list[int] = []
+
+    def hold() -> None:
+        results.append(httpx.post(base + CHAT, json=body, headers=KEY, timeout=300).status_code)
+
+    holders = [threading.Thread(target=hold, daemon=True) for _ in range(FAULT_CAPACITY["max_in_flight"])]
+    try:
+        for thread in holders:
+            thread.start()
+        assert wait_for(lambda: image_host.requests.count(url[len(image_host.base_url) :]) == len(holders), 30)
+        engine_before = metric(base, "vllm:num_requests_running") + metric(base, "vllm:num_requests_waiting")
+        gone = {"reason": "client_disconnected_while_waiting"}
+        gone_before = metric(base, "gemma_server_aborted_requests_total", gone)
+        for stream in (True, False):
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(base + CHAT, json=_body(5, stream), headers=KEY, timeout=httpx.Timeout(60, read=2.5))
+        assert wait_for(lambda: metric(base, "gemma_server_requests_waiting") == 0, 10)
+        assert metric(base, "gemma_server_aborted_requests_total", gone) - gone_before == 2
+        assert metric(base, "vllm:num_requests_running") + metric(base, "vllm:num_requests_waiting") == engine_before
+    finally:
+        image_host.gate.set()
+        for thread in holders:
+            thread.join(120)
+    assert results == [200] * len(holders)
+    assert wait_for(lambda: metric(base, "vllm:num_requests_running") == 0, 30)
+    assert_healthy(base, KEY)
+
+
+# ---- SIGTERM with streams in flight -------------------------------------------------------------------
+
+
+class _Stream(threading.Thread):
+    def __init__(self, base: str, body: dict[str, Any]) -> None:
+        super().__init__(daemon=True)
+        self.base = base
+        self.body = body
+        self.status = 0
+        self.events: list[str] = []
+        self.first_event = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            with httpx.stream("POST", self.base + CHAT, json=self.body, headers=KEY, timeout=300) as response:
+                self.status = response.status_code
+                if response.status_code != 200:
+                    self.events.append(response.read().decode())
+                    return
+                for line in response.iter_lines():
+                    if line.startswith("data: "):
+                        self.events.append(line[len("data: ") :])
+                        self.first_event.set()
+        except BaseException as exc:  # reported by the test
+            self.error = exc
+        finally:
+            self.first_event.set()
+
+    def finish_reason(self) -> str | None:
+        chunks = [json.loads(e) for e in self.events if e.startswith("{") and '"choices"' in e]
+        reasons = [
+            c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]
+        ]
+        assert len(reasons) <= 1, reasons
+        return reasons[0] if reasons else None
+
+
+def _tokens_per_second_per_stream(base: str, streams: int, tokens: int = 32) -> float:
+    async def run() -> float:
+        async with httpx.AsyncClient(base_url=base, timeout=300, headers=KEY) as client:
+            started = time.monotonic()
+            await asyncio.gather(
+                *(client.post(CHAT, json=_sampled_body(tokens, False, f"Pace {i}")) for i in range(streams))
+            )
+            return tokens / (time.monotonic() - started)
+
+    return asyncio.run(run())
+
+
+@pytest.mark.late(1.9)
+def test_sigterm_drains_in_flight_streams_refuses_new_work_and_exits_zero(
+    drain_server: LiveServer, sacrificial: SacrificialServers, report: Callable[[str], None]
+) -> None:
+    base = drain_server.base_url
+    # Short streams should still be running at SIGTERM and end well inside the window: size them
+    # from this machine's speed with ten streams at once. Long ones cannot finish inside it.
+    rate = _tokens_per_second_per_stream(base, streams=FAULT_CAPACITY["max_in_flight"])
+    short_tokens = max(20, min(2000, int(rate * FAULT_DRAIN_SECONDS * 0.3)))
+    short = [_Stream(base, _sampled_body(short_tokens, True, f"Short {i}")) for i in range(8)]
+    long = [_Stream(base, _long_body(True, f"Long {i}")) for i in range(2)]
+    for stream in short + long:
+        stream.start()
+    assert all(stream.first_event.wait(120) for stream in short + long)
+    queued = _Stream(base, _body(5, True, "Queued"))  # the 11th: waits for a slot
+    queued.start()
+    assert wait_for(lambda: metric(base, "gemma_server_requests_waiting", headers=KEY) == 1, 20)
+
+    drain_server.signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    ready = httpx.get(base + "/ready")
+    not_ready_after = time.monotonic() - signalled
+    assert ready.status_code == 503 and ready.json()["reason"] == "draining"
+    refused = httpx.post(base + CHAT, json=_body(2), headers=KEY, timeout=30)
+    assert_openai_error(refused, 503, "server_shutting_down")
+    assert refused.headers["retry-after"] == "2"
+    queued.join(30)
+    assert queued.status == 503 and "server_shutting_down" in queued.events[-1]
+
+    for stream in short:
+        stream.join(FAULT_DRAIN_SECONDS + 30)
+    short_done = time.monotonic() - signalled
+    for stream in long:
+        stream.join(FAULT_DRAIN_SECONDS + 30)
+    code = drain_server.process.wait(FAULT_DRAIN_SECONDS + 60)  # type: ignore[union-attr]
+    exited_after = time.monotonic() - signalled
+    sacrificial.launch("engine_death")  # the next sacrificial server starts while other tests run
+    report(
+        f"drain: not ready {not_ready_after * 1000:.0f} ms after SIGTERM; 8 streams of {short_tokens} tokens "
+        f"done {short_done:.1f} s after it, 2 long ones aborted at the window's end; exit code {code} after "
+        f"{exited_after:.1f} s (window {FAULT_DRAIN_SECONDS} s)"
+    )
+    for stream in short:
+        assert stream.error is None and stream.status == 200, stream.error
+        assert stream.finish_reason() in ("length", "stop")
+        assert stream.events[-1] == "[DONE]"
+    for stream in long:  # still running when the window closed: aborted, with an error event, then [DONE]
+        assert stream.error is None and stream.status == 200, stream.error
+        assert stream.events[-1] == "[DONE]"
+        assert_error_object(json.loads(stream.events[-2]), "server_shutting_down")
+    assert code == 0
+    assert exited_after < FAULT_DRAIN_SECONDS + 15
+
+
+# ---- the engine process dies ----------------------------------------------------------------------------
+
+
+def _engine_core(server: LiveServer) -> psutil.Process:
+    parent = psutil.Process(server.process.pid)  # type: ignore[union-attr]
+    for child in parent.children(recursive=True):
+        if "EngineCore" in child.name() or "EngineCore" in " ".join(child.cmdline()):
+            return child
+    raise AssertionError(f"no EngineCore among {[c.name() for c in parent.children(recursive=True)]}")
+
+
+@pytest.mark.late(4)
+def test_engine_death_fails_readiness_errors_in_flight_requests_and_exits_non_zero(
+    engine_death_server: LiveServer, report: Callable[[str], None]
+) -> None:
+    server = engine_death_server
+    base = server.base_url
+    stream = _Stream(base, _long_body(True, "Streaming when the engine dies"))
+    stream.start()
+    plain: dict[str, httpx.Response] = {}
+
+    def non_streaming() -> None:
+        plain["response"] = httpx.post(
+            base + CHAT, json=_long_body(False, "Waiting when it dies"), headers=KEY, timeout=120
+        )
+
+    plain_thread = threading.Thread(target=non_streaming, daemon=True)
+    plain_thread.start()
+    assert stream.first_event.wait(120)
+    assert wait_for(lambda: metric(base, "vllm:num_requests_running") >= 2, 30)
+
+    _engine_core(server).kill()
+    killed = time.monotonic()
+    not_ready_after = None
+    while time.monotonic() - killed < 10:
+        try:
+            if httpx.get(base + "/ready", timeout=1).status_code != 200:
+                not_ready_after = time.monotonic() - killed
+                break
+        except httpx.HTTPError:
+            not_ready_after = time.monotonic() - killed
+            break
+        time.sleep(0.1)
+    stream.join(60)
+    plain_thread.join(60)
+    code = server.process.wait(60)  # type: ignore[union-attr]
+    exited_after = time.monotonic() - killed
+    report(f"engine death: /ready failed after {not_ready_after} s; exit code {code} after {exited_after:.1f} s")
+    assert not_ready_after is not None and not_ready_after < 5
+    assert stream.error is None and stream.status == 200
+    assert stream.events[-1] == "[DONE]"
+    assert_error_object(json.loads(stream.events[-2]))
+    assert_openai_error(plain["response"], 503)
+    assert code not in (0, None)

@@ -1,0 +1,56 @@
+"""The first SIGTERM drains (and the exit code stays ours); SIGINT or a second SIGTERM stops now."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import uvicorn
+
+from server.lifecycle import DrainingServer
+
+
+async def _app(scope: object, receive: object, send: object) -> None:  # pragma: no cover - never called
+    raise AssertionError
+
+
+def _server(events: list[str]) -> DrainingServer:
+    async def drain() -> None:
+        events.append("drain started")
+        await asyncio.sleep(0.05)
+        events.append("drain done")
+
+    server = DrainingServer(uvicorn.Config(_app), begin_draining=lambda: events.append("not ready"), drain=drain)
+    return server
+
+
+async def test_sigterm_drains_first_then_asks_uvicorn_to_exit_without_re_raising() -> None:
+    events: list[str] = []
+    server = _server(events)
+    server._loop = asyncio.get_running_loop()
+    server.handle_exit(signal.SIGTERM, None)
+    assert events == ["not ready"]  # at once, inside the signal handler
+    assert not server.should_exit
+    await asyncio.sleep(0.2)
+    assert events == ["not ready", "drain started", "drain done"]
+    assert server.should_exit and not server.force_exit
+    assert server._captured_signals == []  # uvicorn would re-raise these: the process died with -15
+
+
+async def test_a_second_sigterm_or_sigint_stops_without_waiting() -> None:
+    events: list[str] = []
+    server = _server(events)
+    server._loop = asyncio.get_running_loop()
+    server.handle_exit(signal.SIGTERM, None)
+    server.handle_exit(signal.SIGTERM, None)
+    assert server.should_exit
+    server.handle_exit(signal.SIGINT, None)
+    assert server.force_exit
+    await asyncio.sleep(0.1)
+
+
+def test_sigint_alone_exits_at_once() -> None:
+    events: list[str] = []
+    server = _server(events)
+    server.handle_exit(signal.SIGINT, None)
+    assert server.should_exit and events == []

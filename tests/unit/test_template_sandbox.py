@@ -1,0 +1,55 @@
+"""The model's chat template renders in a sandboxed Jinja environment (transformers'
+ImmutableSandboxedEnvironment), so even a hostile template could not reach Python internals; the
+server never passes a client-supplied template (see tests/integration/test_hardening_http.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jinja2.exceptions
+import pytest
+
+from server.prompt import conversation_for_template, render_prompt
+from server.protocol import ChatCompletionRequest
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir: Path):  # type: ignore[no-untyped-def]
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+        "{{ cycler.__init__.__globals__.os.popen('id').read() }}",
+        "{% set x = messages.append(1) %}{{ x }}",
+    ],
+)
+def test_hostile_templates_cannot_escape_the_sandbox(tokenizer, template: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises((jinja2.exceptions.SecurityError, jinja2.exceptions.UndefinedError)):
+        tokenizer.apply_chat_template([{"role": "user", "content": "x"}], chat_template=template, tokenize=False)
+
+
+def test_template_syntax_in_messages_is_text(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    request = ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": [{"role": "user", "content": "{{ 7 * 7 }}{% raw %}"}]}
+    )
+    text, _ids = render_prompt(tokenizer, conversation_for_template(request.messages))
+    assert "{{ 7 * 7 }}{% raw %}" in text and "49" not in text
+
+
+def test_unknown_request_fields_such_as_chat_template_are_not_used() -> None:
+    request = ChatCompletionRequest.model_validate(
+        {
+            "model": "m",
+            "messages": [{"role": "user", "content": "x"}],
+            "chat_template": "{{ evil }}",
+            "chat_template_kwargs": {"a": 1},
+        }
+    )
+    # Accepted as unknown extras (SDKs send new fields) and never read by the prompt builder.
+    assert "chat_template" not in ChatCompletionRequest.model_fields
+    assert request.model_extra == {"chat_template": "{{ evil }}", "chat_template_kwargs": {"a": 1}}
