@@ -94,7 +94,6 @@ class EngineRunner:
     async def _generate(
         self, prepared: PreparedPrompt, options: SamplingOptions, request_id: str, received: float
     ) -> _Generation:
-        # Admission control wraps this body: one slot per generation, chat and completions alike.
         metrics = self.metrics
         metrics.in_flight.inc()
         completion_tokens = 0
