@@ -59,6 +59,10 @@ REFUSED_OPENAI_FIELDS = {
     "functions": "the deprecated `functions` parameter is not supported; use `tools`",
     "function_call": "the deprecated `function_call` parameter is not supported; use `tool_choice`",
     "suffix": "`suffix` (insertion) is not supported by Gemma 3",
+    # vLLM's extensions that render a client-supplied Jinja template (GHSA-542m-9234-8gvf): this
+    # server only ever renders the model's own template, in a sandbox.
+    "chat_template": "client-supplied chat templates are not rendered; the model's own template is always used",
+    "chat_template_kwargs": "chat template arguments are not accepted; the model's own template is always used",
 }
 
 

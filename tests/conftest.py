@@ -151,6 +151,7 @@ FAULT_KEY_FILE = "sk-fault-file-abcdefghij"
 FAULT_ORIGIN = "https://app.example"
 FAULT_CAPACITY = {"max_in_flight": 10, "max_waiting": 6}
 FAULT_DRAIN_SECONDS = 20
+FAULT_MAX_MODEL_LEN = 32768
 
 
 class SacrificialServers:
@@ -172,7 +173,9 @@ class SacrificialServers:
             "GEMMA_SERVER_AUTH__API_KEYS_FILE": str(key_file),
             "GEMMA_SERVER_AUTH__CORS_ALLOW_ORIGINS": json.dumps([FAULT_ORIGIN]),
             "GEMMA_SERVER_SERVER__DRAIN_TIMEOUT_SECONDS": str(FAULT_DRAIN_SECONDS),
-            "GEMMA_SERVER_ENGINE__KV_CACHE_MEMORY_BYTES": str(64 * 2**20),
+            "GEMMA_SERVER_ENGINE__KV_CACHE_MEMORY_BYTES": str(64 * 2**20),  # ~377k tokens of the tiny model
+            # Room for requests that outlast the drain window: the tiny model makes ~150 tokens/s.
+            "GEMMA_SERVER_ENGINE__MAX_MODEL_LEN": str(FAULT_MAX_MODEL_LEN),
             # Image fetches held open by the image host's /gate keep admission slots busy.
             "GEMMA_SERVER_IMAGES__FETCH_TIMEOUT_SECONDS": "120",
             "GEMMA_SERVER_IMAGES__FETCH_READ_TIMEOUT_SECONDS": "120",

@@ -17,7 +17,7 @@ import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -29,6 +29,7 @@ from tests.conftest import (
     FAULT_DRAIN_SECONDS,
     FAULT_KEY_ENV,
     FAULT_KEY_FILE,
+    FAULT_MAX_MODEL_LEN,
     FAULT_ORIGIN,
     SERVED_MODEL,
     SacrificialServers,
@@ -55,15 +56,17 @@ def _body(max_tokens: int, stream: bool = False, text: str = "Go on and on") -> 
     }
 
 
-def _sampled_body(max_tokens: int, stream: bool, text: str) -> dict[str, Any]:
-    """A request that runs to max_tokens: greedy decoding on the random tiny model often falls into
-    end-of-sequence within a few hundred tokens (which ones depends on the batch); sampling at
-    temperature 1 over its 262k-token vocabulary almost never picks it."""
-    return {**_body(max_tokens, stream, text), "temperature": 1.0, "top_p": 1.0}
+def _full_length_body(max_tokens: int, stream: bool, text: str) -> dict[str, Any]:
+    """A request that runs exactly to max_tokens: the random tiny model often samples an end token
+    within a few hundred tokens (which ones depends on the batch), so end tokens are ignored."""
+    return {**_body(max_tokens, stream, text), "ignore_eos": True}
+
+
+LONG_TOKENS = FAULT_MAX_MODEL_LEN - 1000  # minutes at this machine's speed
 
 
 def _long_body(stream: bool, text: str) -> dict[str, Any]:
-    return _sampled_body(7500, stream, text)
+    return _full_length_body(LONG_TOKENS, stream, text)
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +82,14 @@ def engine_death_server(sacrificial: SacrificialServers) -> LiveServer:
 # ---- API keys and CORS, live ----------------------------------------------------------------------
 
 
+# A valid body for each POST route other than chat (which takes `_body`).
+ROUTE_BODIES: dict[str, dict[str, Any]] = {
+    "/v1/completions": {"model": SERVED_MODEL, "prompt": "Hi", "max_tokens": 2},
+    "/tokenize": {"model": SERVED_MODEL, "prompt": "Hi"},
+    "/detokenize": {"model": SERVED_MODEL, "tokens": [2, 9259]},
+}
+
+
 @pytest.mark.late(1)
 def test_every_route_needs_a_key_except_the_probes(drain_server: LiveServer) -> None:
     base = drain_server.base_url
@@ -88,7 +99,7 @@ def test_every_route_needs_a_key_except_the_probes(drain_server: LiveServer) -> 
     assert ("POST", CHAT) in routes and ("GET", "/health") in routes
     for method, path in routes:
         concrete = re.sub(r"\{[^}]+\}", SERVED_MODEL, path)
-        body = _body(2) if method == "POST" else None
+        body = ROUTE_BODIES.get(path, _body(2)) if method == "POST" else None
         anonymous = httpx.request(method, base + concrete, json=body, timeout=120)
         if path in PUBLIC:
             assert anonymous.status_code == 200, (method, path)
@@ -244,28 +255,43 @@ def test_a_client_leaving_while_queued_never_reaches_the_engine(
 # ---- SIGTERM with streams in flight -------------------------------------------------------------------
 
 
-class _Stream(threading.Thread):
+class _Stream:
+    """One streamed chat completion read as an asyncio task, keeping every SSE event.
+
+    All streams of a test run on one event loop in the test's own thread: with one reader thread per
+    stream, the pytest process (which also started the server) starved its main thread for minutes
+    (measured: a 0.5 s sleep returned after 168 s), so the test could not act while streams ran.
+    """
+
     def __init__(self, base: str, body: dict[str, Any]) -> None:
-        super().__init__(daemon=True)
         self.base = base
         self.body = body
         self.status = 0
         self.events: list[str] = []
-        self.first_event = threading.Event()
+        self.first_event = asyncio.Event()
         self.error: BaseException | None = None
+        self.task: asyncio.Task[None] | None = None
 
-    def run(self) -> None:
+    def start(self, client: httpx.AsyncClient) -> _Stream:
+        self.task = asyncio.ensure_future(self._read(client))
+        return self
+
+    async def join(self, timeout: float) -> None:
+        assert self.task is not None
+        await asyncio.wait({self.task}, timeout=timeout)
+
+    async def _read(self, client: httpx.AsyncClient) -> None:
         try:
-            with httpx.stream("POST", self.base + CHAT, json=self.body, headers=KEY, timeout=300) as response:
+            async with client.stream("POST", self.base + CHAT, json=self.body, headers=KEY) as response:
                 self.status = response.status_code
                 if response.status_code != 200:
-                    self.events.append(response.read().decode())
+                    self.events.append((await response.aread()).decode())
                     return
-                for line in response.iter_lines():
+                async for line in response.aiter_lines():
                     if line.startswith("data: "):
                         self.events.append(line[len("data: ") :])
                         self.first_event.set()
-        except BaseException as exc:  # reported by the test
+        except Exception as exc:  # reported by the test
             self.error = exc
         finally:
             self.first_event.set()
@@ -279,53 +305,74 @@ class _Stream(threading.Thread):
         return reasons[0] if reasons else None
 
 
-def _tokens_per_second_per_stream(base: str, streams: int, tokens: int = 32) -> float:
-    async def run() -> float:
-        async with httpx.AsyncClient(base_url=base, timeout=300, headers=KEY) as client:
-            started = time.monotonic()
-            await asyncio.gather(
-                *(client.post(CHAT, json=_sampled_body(tokens, False, f"Pace {i}")) for i in range(streams))
-            )
-            return tokens / (time.monotonic() - started)
+async def _tokens_per_second_per_stream(client: httpx.AsyncClient, base: str, streams: int, tokens: int = 32) -> float:
+    started = time.monotonic()
+    await asyncio.gather(
+        *(
+            client.post(base + CHAT, json=_full_length_body(tokens, False, f"Pace {i}"), headers=KEY)
+            for i in range(streams)
+        )
+    )
+    return tokens / (time.monotonic() - started)
 
-    return asyncio.run(run())
+
+async def _metric(client: httpx.AsyncClient, base: str, name: str) -> float:
+    """The sum of the samples of `name` on /metrics."""
+    text = (await client.get(base + "/metrics", headers=KEY)).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith((name + " ", name + "{")))
+
+
+async def _eventually(condition: Callable[[], Awaitable[bool]], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await condition():
+            return True
+        await asyncio.sleep(0.1)
+    return await condition()
 
 
 @pytest.mark.late(1.9)
-def test_sigterm_drains_in_flight_streams_refuses_new_work_and_exits_zero(
+async def test_sigterm_drains_in_flight_streams_refuses_new_work_and_exits_zero(
     drain_server: LiveServer, sacrificial: SacrificialServers, report: Callable[[str], None]
 ) -> None:
     base = drain_server.base_url
-    # Short streams should still be running at SIGTERM and end well inside the window: size them
-    # from this machine's speed with ten streams at once. Long ones cannot finish inside it.
-    rate = _tokens_per_second_per_stream(base, streams=FAULT_CAPACITY["max_in_flight"])
-    short_tokens = max(20, min(2000, int(rate * FAULT_DRAIN_SECONDS * 0.3)))
-    short = [_Stream(base, _sampled_body(short_tokens, True, f"Short {i}")) for i in range(8)]
-    long = [_Stream(base, _long_body(True, f"Long {i}")) for i in range(2)]
-    for stream in short + long:
-        stream.start()
-    assert all(stream.first_event.wait(120) for stream in short + long)
-    queued = _Stream(base, _body(5, True, "Queued"))  # the 11th: waits for a slot
-    queued.start()
-    assert wait_for(lambda: metric(base, "gemma_server_requests_waiting", headers=KEY) == 1, 20)
+    limits = httpx.Limits(max_connections=32)
+    async with httpx.AsyncClient(timeout=300, limits=limits) as client:
+        # Short streams should still be running at SIGTERM and end well inside the window: size them
+        # from this machine's speed with ten streams at once. Long ones cannot finish inside it.
+        rate = await _tokens_per_second_per_stream(client, base, streams=FAULT_CAPACITY["max_in_flight"])
+        short_tokens = max(20, min(2000, int(rate * FAULT_DRAIN_SECONDS * 0.3)))
+        short = [_Stream(base, _full_length_body(short_tokens, True, f"Short {i}")).start(client) for i in range(8)]
+        long = [_Stream(base, _long_body(True, f"Long {i}")).start(client) for i in range(2)]
+        await asyncio.wait_for(asyncio.gather(*(stream.first_event.wait() for stream in short + long)), 120)
+        statuses = [(stream.status, stream.error) for stream in short + long]
+        assert all(status == 200 and error is None for status, error in statuses), statuses
+        queued = _Stream(base, _body(5, True, "Queued")).start(client)  # the 11th: waits for a slot
 
-    drain_server.signal(signal.SIGTERM)
-    signalled = time.monotonic()
-    ready = httpx.get(base + "/ready")
-    not_ready_after = time.monotonic() - signalled
-    assert ready.status_code == 503 and ready.json()["reason"] == "draining"
-    refused = httpx.post(base + CHAT, json=_body(2), headers=KEY, timeout=30)
-    assert_openai_error(refused, 503, "server_shutting_down")
-    assert refused.headers["retry-after"] == "2"
-    queued.join(30)
-    assert queued.status == 503 and "server_shutting_down" in queued.events[-1]
+        async def queued_is_waiting() -> bool:
+            return await _metric(client, base, "gemma_server_requests_waiting") == 1
 
-    for stream in short:
-        stream.join(FAULT_DRAIN_SECONDS + 30)
-    short_done = time.monotonic() - signalled
-    for stream in long:
-        stream.join(FAULT_DRAIN_SECONDS + 30)
-    code = drain_server.process.wait(FAULT_DRAIN_SECONDS + 60)  # type: ignore[union-attr]
+        waited = await _eventually(queued_is_waiting, 20)
+        states = [(s.status, len(s.events), s.events[-1:]) for s in short + long + [queued]]
+        assert waited, f"the 11th request did not wait ({short_tokens} short tokens); streams: {states}"
+
+        drain_server.signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        ready = await client.get(base + "/ready")
+        not_ready_after = time.monotonic() - signalled
+        assert ready.status_code == 503 and ready.json()["reason"] == "draining"
+        refused = await client.post(base + CHAT, json=_body(2), headers=KEY, timeout=30)
+        assert_openai_error(refused, 503, "server_shutting_down")
+        assert refused.headers["retry-after"] == "2"
+        await queued.join(30)
+        assert queued.status == 503 and "server_shutting_down" in queued.events[-1]
+
+        for stream in short:
+            await stream.join(FAULT_DRAIN_SECONDS + 30)
+        short_done = time.monotonic() - signalled
+        for stream in long:
+            await stream.join(FAULT_DRAIN_SECONDS + 30)
+    code = await asyncio.to_thread(drain_server.process.wait, FAULT_DRAIN_SECONDS + 60)  # type: ignore[union-attr]
     exited_after = time.monotonic() - signalled
     sacrificial.launch("engine_death")  # the next sacrificial server starts while other tests run
     report(
@@ -357,45 +404,43 @@ def _engine_core(server: LiveServer) -> psutil.Process:
 
 
 @pytest.mark.late(4)
-def test_engine_death_fails_readiness_errors_in_flight_requests_and_exits_non_zero(
+async def test_engine_death_fails_readiness_errors_in_flight_requests_and_exits_non_zero(
     engine_death_server: LiveServer, report: Callable[[str], None]
 ) -> None:
     server = engine_death_server
     base = server.base_url
-    stream = _Stream(base, _long_body(True, "Streaming when the engine dies"))
-    stream.start()
-    plain: dict[str, httpx.Response] = {}
-
-    def non_streaming() -> None:
-        plain["response"] = httpx.post(
-            base + CHAT, json=_long_body(False, "Waiting when it dies"), headers=KEY, timeout=120
+    async with httpx.AsyncClient(timeout=120) as client:
+        stream = _Stream(base, _long_body(True, "Streaming when the engine dies")).start(client)
+        plain = asyncio.ensure_future(
+            client.post(base + CHAT, json=_long_body(False, "Waiting when it dies"), headers=KEY)
         )
+        await asyncio.wait_for(stream.first_event.wait(), 120)
 
-    plain_thread = threading.Thread(target=non_streaming, daemon=True)
-    plain_thread.start()
-    assert stream.first_event.wait(120)
-    assert wait_for(lambda: metric(base, "vllm:num_requests_running") >= 2, 30)
+        async def both_running() -> bool:
+            return await _metric(client, base, "vllm:num_requests_running") >= 2
 
-    _engine_core(server).kill()
-    killed = time.monotonic()
-    not_ready_after = None
-    while time.monotonic() - killed < 10:
-        try:
-            if httpx.get(base + "/ready", timeout=1).status_code != 200:
+        assert await _eventually(both_running, 30)
+
+        _engine_core(server).kill()
+        killed = time.monotonic()
+        not_ready_after = None
+        while time.monotonic() - killed < 10:
+            try:
+                if (await client.get(base + "/ready", timeout=1)).status_code != 200:
+                    not_ready_after = time.monotonic() - killed
+                    break
+            except httpx.HTTPError:
                 not_ready_after = time.monotonic() - killed
                 break
-        except httpx.HTTPError:
-            not_ready_after = time.monotonic() - killed
-            break
-        time.sleep(0.1)
-    stream.join(60)
-    plain_thread.join(60)
-    code = server.process.wait(60)  # type: ignore[union-attr]
+            await asyncio.sleep(0.1)
+        await stream.join(60)
+        plain_response = await asyncio.wait_for(plain, 60)
+    code = await asyncio.to_thread(server.process.wait, 60)  # type: ignore[union-attr]
     exited_after = time.monotonic() - killed
     report(f"engine death: /ready failed after {not_ready_after} s; exit code {code} after {exited_after:.1f} s")
     assert not_ready_after is not None and not_ready_after < 5
     assert stream.error is None and stream.status == 200
     assert stream.events[-1] == "[DONE]"
     assert_error_object(json.loads(stream.events[-2]))
-    assert_openai_error(plain["response"], 503)
+    assert_openai_error(plain_response, 503)
     assert code not in (0, None)

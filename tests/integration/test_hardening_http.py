@@ -200,19 +200,24 @@ def test_options_and_wrong_methods_are_openai_405s(base_url: str) -> None:
 
 
 def test_a_client_supplied_chat_template_is_never_rendered(base_url: str) -> None:
-    """vLLM accepted request-supplied templates (GHSA-542m-9234-8gvf); here they are ignored, and
-    template syntax in message text stays text."""
-    plain = {**GOOD, "messages": [{"role": "user", "content": "{{ 7 * 7 }} {% for x in range(3) %}x{% endfor %}"}]}
-    reference = httpx.post(base_url + CHAT, json={**plain, "return_token_ids": True}, timeout=120).json()
-    hostile = {
-        **plain,
-        "return_token_ids": True,
+    """vLLM rendered request-supplied templates (GHSA-542m-9234-8gvf); here they are refused with a
+    400 that says why, and template syntax in message text stays text."""
+    literal = "{{ 7 * 7 }} {% for x in range(3) %}x{% endfor %}"
+    plain = {**GOOD, "messages": [{"role": "user", "content": literal}]}
+    reference = httpx.post(base_url + CHAT, json={**plain, "return_token_ids": True}, timeout=120)
+    assert reference.status_code == 200, reference.text
+    prompt = httpx.post(
+        base_url + "/detokenize", json={"model": SERVED_MODEL, "tokens": reference.json()["prompt_token_ids"]}
+    ).json()["prompt"]
+    assert literal in prompt and "49" not in prompt
+    hostile_fields = {
         "chat_template": "{{ ''.__class__.__mro__[1].__subclasses__() }}{% for i in range(10**9) %}{% endfor %}",
         "chat_template_kwargs": {"add_generation_prompt": False, "tools": "{{ 7 * 7 }}"},
     }
-    response = httpx.post(base_url + CHAT, json=hostile, timeout=120)
-    assert response.status_code == 200, response.text
-    assert response.json()["prompt_token_ids"] == reference["prompt_token_ids"]
+    for name, value in hostile_fields.items():
+        response = httpx.post(base_url + CHAT, json={**plain, name: value}, timeout=120)
+        error = assert_openai_error(response, 400, "unsupported_parameter")
+        assert error["param"] == name and "model's own template" in error["message"]
     assert_healthy(base_url)
 
 

@@ -9,8 +9,10 @@ from pathlib import Path
 import jinja2.exceptions
 import pytest
 
+from server.errors import BadRequestError
 from server.prompt import conversation_for_template, render_prompt
 from server.protocol import ChatCompletionRequest
+from server.validation import check_request_fields
 
 
 @pytest.fixture(scope="module")
@@ -41,15 +43,14 @@ def test_template_syntax_in_messages_is_text(tokenizer) -> None:  # type: ignore
     assert "{{ 7 * 7 }}{% raw %}" in text and "49" not in text
 
 
-def test_unknown_request_fields_such_as_chat_template_are_not_used() -> None:
+@pytest.mark.parametrize("field", ["chat_template", "chat_template_kwargs"])
+def test_client_supplied_templates_are_refused_with_a_reason(field: str) -> None:
+    value = "{{ evil }}" if field == "chat_template" else {"a": 1}
     request = ChatCompletionRequest.model_validate(
-        {
-            "model": "m",
-            "messages": [{"role": "user", "content": "x"}],
-            "chat_template": "{{ evil }}",
-            "chat_template_kwargs": {"a": 1},
-        }
+        {"model": "m", "messages": [{"role": "user", "content": "x"}], field: value}
     )
-    # Accepted as unknown extras (SDKs send new fields) and never read by the prompt builder.
-    assert "chat_template" not in ChatCompletionRequest.model_fields
-    assert request.model_extra == {"chat_template": "{{ evil }}", "chat_template_kwargs": {"a": 1}}
+    assert field not in ChatCompletionRequest.model_fields  # nothing in the prompt builder can read it
+    with pytest.raises(BadRequestError) as caught:
+        check_request_fields(request)
+    assert caught.value.param == field and caught.value.code == "unsupported_parameter"
+    assert "model's own template" in caught.value.message
