@@ -130,7 +130,6 @@ def live_server(
     log_path = tmp_path_factory.mktemp("live-server") / "server.log"
     env = {
         "GEMMA_SERVER_IMAGES__PRIVATE_NETWORK_ALLOWLIST": f'["127.0.0.1:{image_host.port}"]',
-        "GEMMA_SERVER_IMAGES__FETCH_TIMEOUT_SECONDS": "3",  # the slow-drip image host test waits this long
         "GEMMA_SERVER_SERVER__LOG_LEVEL": "info",
         **LIVE_SERVER_SETTINGS_ENV,
     }

@@ -58,6 +58,9 @@ class Prometheus:
         self.base_url = base_url
         self.process = process
         self.log = log
+        # Queries are evaluated at this time once traffic was scraped: rates over [1m] and the
+        # 5-minute recording rules must not depend on how long the tests in between took.
+        self.at: float | None = None
 
     def api(self, path: str, **params: Any) -> Any:
         response = httpx.get(f"{self.base_url}/api/v1/{path}", params=params, timeout=10)
@@ -66,7 +69,7 @@ class Prometheus:
         return body["data"]
 
     def query(self, expr: str) -> list[dict[str, Any]]:
-        data = self.api("query", query=expr)
+        data = self.api("query", query=expr) if self.at is None else self.api("query", query=expr, time=self.at)
         assert data["resultType"] == "vector", f"{expr}: {data['resultType']}"
         result: list[dict[str, Any]] = data["result"]
         return result
@@ -179,6 +182,8 @@ def scraped(prometheus: Prometheus, live_server: LiveServer, image_host: Any) ->
             break
         assert time.monotonic() < deadline, f"no scrape after the traffic:\n{prometheus.log.read_text()}"
         time.sleep(0.5)
+    prometheus.at = float(result[0]["value"][1]) + 3  # rules evaluate every second: three have run
+    time.sleep(max(0.0, prometheus.at + 1 - time.time()))
     return prometheus
 
 
