@@ -43,7 +43,7 @@ from tests.deploy.support import (
 from tests.support.images import jpeg_bytes, png_data_uri
 from tests.support.live_server import LiveServer, free_port
 
-SCRAPE_INTERVAL_SECONDS = 1
+SCRAPE_INTERVAL_SECONDS = 2  # and the scrape timeout: under CI load /metrics can take over 1 s
 NAMESPACE = yaml.safe_load((K8S / "base" / "kustomization.yaml").read_text())["namespace"]
 JOB = "gemma-server"
 POD = "gemma-server-7d9f8c6b5-x2k4q"
@@ -85,7 +85,7 @@ def prometheus(live_server: LiveServer, tmp_path_factory: pytest.TempPathFactory
         "scrape_configs": [
             {
                 "job_name": JOB,
-                "scrape_timeout": "1s",
+                "scrape_timeout": f"{SCRAPE_INTERVAL_SECONDS}s",
                 "static_configs": [
                     {
                         "targets": [f"127.0.0.1:{live_server.port}"],
@@ -171,18 +171,23 @@ def send_traffic(base_url: str, image_url: str) -> None:
 def scraped(prometheus: Prometheus, live_server: LiveServer, image_host: Any) -> Prometheus:
     """Traffic in two bursts a few scrapes apart (so rates are not zero), then scrapes after it."""
     image_url = image_host.add("deploy-test.jpg", jpeg_bytes(80, 60), "image/jpeg")
+    # A successful scrape before the traffic, so that rates have a sample before it to start from.
+    deadline = time.monotonic() + 120
+    while not prometheus.query(f'gemma_server_engine_ready{{job="{JOB}"}}'):
+        assert time.monotonic() < deadline, f"no successful scrape:\n{prometheus.log.read_text()}"
+        time.sleep(0.5)
     send_traffic(live_server.base_url, image_url)
     time.sleep(4 * SCRAPE_INTERVAL_SECONDS)
     send_traffic(live_server.base_url, image_url)
     finished = time.time()
     deadline = time.monotonic() + 60
     while True:
-        result = prometheus.query(f'timestamp(up{{job="{JOB}"}})')
+        result = prometheus.query(f'timestamp(gemma_server_engine_ready{{job="{JOB}"}})')  # a successful scrape
         if result and float(result[0]["value"][1]) > finished + 2 * SCRAPE_INTERVAL_SECONDS:
             break
         assert time.monotonic() < deadline, f"no scrape after the traffic:\n{prometheus.log.read_text()}"
         time.sleep(0.5)
-    prometheus.at = float(result[0]["value"][1]) + 3  # rules evaluate every second: three have run
+    prometheus.at = float(result[0]["value"][1]) + 3  # rules evaluate every second: three have run since
     time.sleep(max(0.0, prometheus.at + 1 - time.time()))
     return prometheus
 
