@@ -39,7 +39,7 @@ from tests.support.checks import assert_error_object, assert_openai_error, sse_e
 from tests.support.image_host import ImageHost
 from tests.support.images import encode, make_image
 from tests.support.live_server import LiveServer
-from tests.support.probes import metric, rss_mb, wait_for
+from tests.support.probes import metric, metric_in, rss_mb, wait_for
 
 KEY = {"Authorization": f"Bearer {FAULT_KEY_ENV}"}
 PUBLIC = {"/health", "/ready", "/metrics"}
@@ -318,8 +318,7 @@ async def _tokens_per_second_per_stream(client: httpx.AsyncClient, base: str, st
 
 async def _metric(client: httpx.AsyncClient, base: str, name: str) -> float:
     """The sum of the samples of `name` on /metrics."""
-    text = (await client.get(base + "/metrics", headers=KEY)).text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith((name + " ", name + "{")))
+    return metric_in((await client.get(base + "/metrics", headers=KEY)).text, name) or 0.0
 
 
 async def _eventually(condition: Callable[[], Awaitable[bool]], timeout: float) -> bool:

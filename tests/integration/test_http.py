@@ -9,6 +9,7 @@ import time
 import httpx
 
 from tests.conftest import SERVED_MODEL
+from tests.support.probes import metric
 
 
 def test_health_and_ready(base_url: str) -> None:
@@ -66,10 +67,7 @@ def test_malformed_json_and_wrong_body_types_are_openai_shaped_400s(base_url: st
 
 
 def _running_requests(base_url: str) -> float:
-    for line in httpx.get(f"{base_url}/metrics").text.splitlines():
-        if line.startswith("vllm:num_requests_running{"):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError("vllm:num_requests_running missing")
+    return metric(base_url, "vllm:num_requests_running")
 
 
 def test_client_disconnect_aborts_the_engine_request(base_url: str) -> None:

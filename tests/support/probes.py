@@ -43,22 +43,29 @@ def peak_rss(pid: int, interval: float = 0.02) -> Iterator[dict[str, float]]:
         result["peak"] = max(result["peak"], result["after"])
 
 
-def metric(
-    base_url: str, name: str, labels: dict[str, str] | None = None, headers: dict[str, str] | None = None
-) -> float:
-    """The sum of the samples of `name` (with these labels, if given) on /metrics."""
+def metric_in(text: str, name: str, labels: dict[str, str] | None = None) -> float | None:
+    """The sum of the samples of `name` (with these labels, if given) in a /metrics page; None if
+    there are none."""
     total = 0.0
     found = False
-    for line in httpx.get(f"{base_url}/metrics", headers=headers, timeout=30).text.splitlines():
+    for line in text.splitlines():
         if line.startswith("#") or not (line.startswith(name + "{") or line.startswith(name + " ")):
             continue
         if labels and not all(f'{key}="{value}"' in line for key, value in labels.items()):
             continue
         total += float(line.rsplit(" ", 1)[1])
         found = True
-    if not found and labels is None:
+    return total if found else None
+
+
+def metric(
+    base_url: str, name: str, labels: dict[str, str] | None = None, headers: dict[str, str] | None = None
+) -> float:
+    """The sum of the samples of `name` (with these labels, if given) on /metrics."""
+    total = metric_in(httpx.get(f"{base_url}/metrics", headers=headers, timeout=30).text, name, labels)
+    if total is None and labels is None:
         raise AssertionError(f"{name} is not on /metrics")
-    return total
+    return total or 0.0
 
 
 def wait_for(condition, timeout: float, interval: float = 0.2) -> bool:  # type: ignore[no-untyped-def]
