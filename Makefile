@@ -42,7 +42,7 @@ format: setup
 tiny-model: setup  ## write the tiny checkpoint to ~/.cache/gemma-server/tiny-gemma3
 	$(RUN) gemma-server make-tiny-model ~/.cache/gemma-server/tiny-gemma3
 
-bench: setup  ## full benchmark, ~1 h: ours vs vLLM's server vs AsyncLLM in-process -> docs/benchmarks.md
+bench: setup  ## full benchmark, ~1.5 h: ours and vLLM's server (1 and 2 API processes) vs AsyncLLM in-process -> docs/benchmarks.md
 	$(RUN) python -m bench $(BENCH_ARGS)
 
 bench-quick: setup  ## smoke benchmark, ~10-15 min: 1 trial at concurrency 16 (report to .cache/, not docs/)

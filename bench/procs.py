@@ -126,6 +126,8 @@ def role_of(proc: psutil.Process, root_pid: int) -> str:
         cmdline = " ".join(proc.cmdline())
     except psutil.Error:
         return "other"
+    if "ApiServer" in name or "ApiServer" in cmdline:  # one of several API processes
+        return "api"
     if "EngineCore" in name or "EngineCore" in cmdline:
         return "engine-core"
     if "Worker" in name or "Worker" in cmdline:

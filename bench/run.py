@@ -184,7 +184,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 trial at concurrency 16")
     parser.add_argument("--trials", type=int, help="trials (default: 3 full, 1 quick)")
-    parser.add_argument("--targets", default="ours,vllm,ceiling", help="comma list of ours, vllm, ceiling and variants")
+    parser.add_argument("--targets", default="ours,ours-2proc,vllm,vllm-2proc,ceiling",
+                        help="comma list of ours, vllm, ceiling, variants, and ours-Nproc / vllm-Nproc "
+                        "(N API processes on one engine core)")  # fmt: skip
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=DIR",
                         help="also run `python -m server serve` from DIR (a patched copy) as target NAME")  # fmt: skip
     parser.add_argument("--variant-env", action="append", default=[], metavar="NAME:KEY=VALUE",
@@ -220,8 +222,13 @@ def build_targets(args: argparse.Namespace, settings: Any, log_dir: Path) -> lis
     for name in args.targets.split(","):
         if name == "ours":
             targets.append(ours(args.config, log_dir, env=envs.get("ours")))
+        elif name.startswith("ours-") and name.endswith("proc"):  # e.g. ours-2proc: server.api_processes 2
+            env = {**envs.get(name, {}), "GEMMA_SERVER_SERVER__API_PROCESSES": _process_count(name)}
+            targets.append(ours(args.config, log_dir, name=name, env=env))
         elif name == "vllm":
             targets.append(peer(settings, log_dir))
+        elif name.startswith("vllm-") and name.endswith("proc"):  # e.g. vllm-2proc: --api-server-count 2
+            targets.append(peer(settings, log_dir, extra_args=["--api-server-count", _process_count(name)], name=name))
         elif name == "ceiling":
             targets.append(CeilingTarget(args.config, log_dir))
         elif name in variants:
@@ -229,6 +236,13 @@ def build_targets(args: argparse.Namespace, settings: Any, log_dir: Path) -> lis
         else:
             raise SystemExit(f"unknown target {name!r}")
     return targets
+
+
+def _process_count(target: str) -> str:
+    count = target.split("-", 1)[1].removesuffix("proc")
+    if not count.isdigit():
+        raise SystemExit(f"unknown target {target!r}: expected e.g. ours-2proc")
+    return count
 
 
 def _exit_on_signal(signum: int, _frame: Any) -> None:

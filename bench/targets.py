@@ -34,7 +34,7 @@ VLLM_MILESTONES = [
     ("multimodal processor warm-up done", r"Multi-modal warmup completed in"),
 ]
 OURS_MILESTONES = [
-    ("imports done, app created", r"server: serving .* on http"),
+    ("imports done, app created", r"server: serving .* on http|starting the engine core and \d+ API processes"),
     ("uvicorn listening", r"Uvicorn running on"),
     *VLLM_MILESTONES,
     ("engine ready (AsyncLLM built)", r"server.engine: engine ready in"),

@@ -46,10 +46,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from server.app import AppState, create_app, drain
-    from server.lifecycle import GRACEFUL_SHUTDOWN_SECONDS, DrainingServer, http_protocol
+    from server.lifecycle import run_server
     from server.logging_setup import configure_logging
     from server.settings import load_settings
 
@@ -64,36 +61,11 @@ def serve(args: argparse.Namespace) -> int:
         print(f"gemma-server: invalid configuration: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.server.log_level, settings.server.log_format)
+    if settings.server.api_processes > 1:
+        from server.api_processes import serve_api_processes
 
-    exit_code = 0
-    server: DrainingServer | None = None
-
-    def on_fatal(code: int, reason: str) -> None:
-        nonlocal exit_code
-        log.critical("%s: shutting down with exit code %d", reason, code)
-        exit_code = code
-        if server is not None:
-            server.should_exit = True
-
-    app = create_app(settings, on_fatal=on_fatal)
-    state: AppState = app.state.gemma
-    config = uvicorn.Config(
-        app,
-        host=settings.server.host,
-        port=settings.server.port,
-        log_config=None,
-        access_log=False,
-        timeout_keep_alive=30,
-        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
-        http=http_protocol(settings.server.max_header_bytes, settings.server.max_header_count),
-        h11_max_incomplete_event_size=settings.server.max_header_bytes,
-    )
-    server = DrainingServer(config, begin_draining=state.begin_draining, drain=lambda: drain(state))
-    log.info("serving %s on http://%s:%d", settings.model.served_name, settings.server.host, settings.server.port)
-    server.run()
-    if exit_code == 0 and not server.started:
-        return 1
-    return exit_code
+        return serve_api_processes(settings)
+    return run_server(settings)
 
 
 def exit_now(code: int) -> NoReturn:

@@ -1,4 +1,4 @@
-"""The vLLM engine adapter: the only module that imports vLLM.
+"""The vLLM engine adapter: the module that talks to vLLM's engine (`server/api_processes.py` only launches it).
 
 It owns the engine's lifetime (`VllmEngine.start` / `shutdown`), turns our plain `SamplingOptions`
 into vLLM's `SamplingParams`, runs vLLM's multimodal processor on a rendered prompt (so vLLM expands
@@ -26,6 +26,7 @@ from vllm.inputs import TokensPrompt
 from vllm.logprobs import Logprob
 from vllm.outputs import RequestOutput
 from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+from vllm.usage.usage_lib import UsageContext
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
@@ -75,11 +76,32 @@ def engine_args_from_settings(settings: Settings) -> AsyncEngineArgs:
     return AsyncEngineArgs(**args)
 
 
+def _attach_to_shared_core(args: AsyncEngineArgs, shared_core: dict[str, Any]) -> AsyncLLM:
+    """An AsyncLLM that is client `client_index` of `client_count` of an engine core started elsewhere."""
+    count, index = shared_core.pop("client_count"), shared_core.pop("client_index")
+    args._api_process_count = count
+    args._api_process_rank = index
+    vllm_config = args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
+    return AsyncLLM.from_vllm_config(
+        vllm_config=vllm_config,
+        usage_context=UsageContext.OPENAI_API_SERVER,
+        enable_log_requests=False,
+        disable_log_stats=args.disable_log_stats,
+        client_addresses=shared_core,
+        client_count=count,
+        client_index=index,
+    )
+
+
 class VllmEngine:
     """Implements `server.generation.EngineClient` on vLLM's `AsyncLLM`."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, shared_core: dict[str, Any] | None = None) -> None:
+        """`shared_core`: in an API process of `server.api_processes`, the addresses of the engine
+        core its parent started (vLLM's client config: ZMQ addresses, `client_index`,
+        `client_count`); this process's AsyncLLM then attaches to it instead of spawning one."""
         self.settings = settings
+        self._shared_core = dict(shared_core) if shared_core is not None else None
         self.model_name = settings.model.served_name
         self.max_model_len = settings.engine.max_model_len
         self._llm: AsyncLLM | None = None
@@ -98,11 +120,16 @@ class VllmEngine:
         """
         args = engine_args_from_settings(self.settings)
         started = time.monotonic()
-        llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+        if self._shared_core is None:
+            llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+        else:
+            llm = await asyncio.to_thread(_attach_to_shared_core, args, dict(self._shared_core))
         self._llm = llm
         self.max_model_len = llm.model_config.max_model_len
         self._defaults = llm.model_config.get_diff_sampling_param()
-        self._stats_task = asyncio.create_task(self._log_stats_periodically())
+        if self._shared_core is None or self._shared_core["client_index"] == 0:
+            # One periodic engine-stats log line per engine, not one per API process.
+            self._stats_task = asyncio.create_task(self._log_stats_periodically())
         log.info(
             "engine ready in %.1f s: model=%s max_model_len=%d defaults=%s",
             time.monotonic() - started,
@@ -110,6 +137,20 @@ class VllmEngine:
             self.max_model_len,
             self._defaults,
         )
+
+    def engine_core_died(self) -> bool:
+        """The shared engine core has gone (its parent said so): fail like a local engine's death.
+
+        vLLM watches the engine core only when it spawned it; an API process attached to a shared
+        core would wait for outputs forever. This does what vLLM's own monitor does: the client is
+        marked dead and shut down, so every open request ends with `EngineDeadError`. False if
+        there was no running engine to fail (not attached yet, or shutting down)."""
+        if self._llm is None or self._stopping:
+            return False
+        log.error("the shared engine core has died")
+        self._llm.engine_core.resources.engine_dead = True
+        self._llm.engine_core.shutdown()
+        return True
 
     def shutdown(self) -> None:
         self._stopping = True

@@ -19,14 +19,67 @@ import signal
 import socket
 from collections.abc import Awaitable, Callable
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
+
+if TYPE_CHECKING:
+    from server.generation import EngineClient
+    from server.settings import Settings
 
 log = logging.getLogger(__name__)
 
 # uvicorn's wait for open connections after the drain (or after a fatal engine error).
 GRACEFUL_SHUTDOWN_SECONDS = 10
+
+ServerFactory = Callable[..., "DrainingServer"]
+
+
+def run_server(
+    settings: Settings,
+    *,
+    engine: EngineClient | None = None,
+    sockets: list[socket.socket] | None = None,
+    server_factory: ServerFactory | None = None,
+) -> int:
+    """Serves the app until SIGTERM's drain ends or the engine fails; returns the exit code.
+
+    Without arguments: one process, listening on `server.host:server.port`, the engine in it. An API
+    process of `server.api_processes` passes its engine client, the shared listening socket and a
+    server class that accepts from it (`server/api_processes.py`)."""
+    from server.app import AppState, create_app, drain
+
+    exit_code = 0
+    server: DrainingServer | None = None
+
+    def on_fatal(code: int, reason: str) -> None:
+        nonlocal exit_code
+        log.critical("%s: shutting down with exit code %d", reason, code)
+        exit_code = code
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(settings, engine=engine, on_fatal=on_fatal)
+    state: AppState = app.state.gemma
+    config = uvicorn.Config(
+        app,
+        host=settings.server.host,
+        port=settings.server.port,
+        log_config=None,
+        access_log=False,
+        timeout_keep_alive=30,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+        http=http_protocol(settings.server.max_header_bytes, settings.server.max_header_count),
+        h11_max_incomplete_event_size=settings.server.max_header_bytes,
+    )
+    factory = server_factory or DrainingServer
+    server = factory(config, begin_draining=state.begin_draining, drain=lambda: drain(state))
+    if sockets is None:
+        log.info("serving %s on http://%s:%d", settings.model.served_name, settings.server.host, settings.server.port)
+    server.run(sockets=sockets)
+    if exit_code == 0 and not server.started:
+        return 1
+    return exit_code
 
 
 class DrainingServer(uvicorn.Server):

@@ -3,9 +3,17 @@
 Our metrics live in a registry owned by the app (so several apps in one test process do not clash);
 vLLM records its engine metrics (running/waiting requests, KV cache usage, TTFT, TPOT, ...) into
 prometheus_client's default registry. `/metrics` renders both.
+
+With several API processes (`server.api_processes`), prometheus_client runs in multi-process mode
+(`PROMETHEUS_MULTIPROC_DIR`, set by the supervisor): every process writes its samples to files there,
+and `/metrics`, whichever process answers, renders the aggregate of all of them. Counters and
+histograms add up; our gauges say how to combine (`livesum`: in flight and waiting add up over the
+live processes; `livemin`: the engine counts as ready only if every process can serve).
 """
 
 from __future__ import annotations
+
+import os
 
 from prometheus_client import (
     REGISTRY,
@@ -14,6 +22,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     generate_latest,
+    multiprocess,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -51,11 +60,13 @@ class Metrics:
             f"{PREFIX}_requests_in_flight",
             "Generation requests admitted and not yet finished (front end and engine).",
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.requests_waiting = Gauge(
             f"{PREFIX}_requests_waiting",
             "Generation requests waiting in the front end for an engine slot (not yet in vLLM's queue).",
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.queue_time = Histogram(
             f"{PREFIX}_queue_time_seconds",
@@ -96,7 +107,12 @@ class Metrics:
             buckets=_FAST_BUCKETS,
             registry=r,
         )
-        self.engine_ready = Gauge(f"{PREFIX}_engine_ready", "1 when the engine can serve requests, else 0.", registry=r)
+        self.engine_ready = Gauge(
+            f"{PREFIX}_engine_ready",
+            "1 when the engine can serve requests, else 0.",
+            registry=r,
+            multiprocess_mode="livemin",
+        )
         self.aborted = Counter(
             f"{PREFIX}_aborted_requests",
             "Generation requests aborted before finishing, by reason.",
@@ -105,4 +121,9 @@ class Metrics:
         )
 
     def render(self) -> bytes:
+        if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+            # Ours and vLLM's, from every API process's files (this process's are among them).
+            everything = CollectorRegistry()
+            multiprocess.MultiProcessCollector(everything)  # type: ignore[no-untyped-call]
+            return generate_latest(everything)
         return generate_latest(self.registry) + generate_latest(REGISTRY)

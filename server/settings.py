@@ -190,6 +190,14 @@ class ServerSettings(_Section):
         "connection is closed before the rest is buffered.",
     )
     max_header_count: int = Field(100, ge=16, description="Most header fields in one request; more get 431.")
+    api_processes: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="HTTP/API processes sharing one engine core (vLLM's multi-API-server model): each has "
+        "its own event loop, image decoding, tokenizer and detokenizer, so front-end CPU work scales "
+        "with cores. Admission limits are split evenly between them. 1: one process, engine in it.",
+    )
 
 
 class AdmissionSettings(_Section):

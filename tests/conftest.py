@@ -151,6 +151,8 @@ FAULT_ORIGIN = "https://app.example"
 FAULT_CAPACITY = {"max_in_flight": 10, "max_waiting": 6}
 FAULT_DRAIN_SECONDS = 20
 FAULT_MAX_MODEL_LEN = 32768
+# The engine-death server runs two API processes: engine death is the supervisor's hardest case.
+SACRIFICIAL_SERVER_ENV = {"engine_death": {"GEMMA_SERVER_SERVER__API_PROCESSES": "2"}}
 
 
 class SacrificialServers:
@@ -188,7 +190,8 @@ class SacrificialServers:
         def start() -> None:
             if after is not None:
                 after.wait()
-            self.servers[name] = LiveServer(self.folder / f"{name}.log", self.env).start()
+            env = {**self.env, **SACRIFICIAL_SERVER_ENV.get(name, {})}
+            self.servers[name] = LiveServer(self.folder / f"{name}.log", env).start()
 
         if name in self.wanted and name not in self._launchers:
             self._launchers[name] = threading.Thread(target=start, daemon=True)

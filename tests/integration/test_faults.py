@@ -1,6 +1,7 @@
 """Faults, on sacrificial live servers (see `SacrificialServers` in conftest): API keys and CORS as
 configured, overload past the admission bound, a client leaving while queued, SIGTERM with streams in
-flight (the "drain" server), and the engine process killed (the "engine_death" server).
+flight (the "drain" server); two API processes sharing one engine core, then that engine core killed
+(the "engine_death" server, which runs `server.api_processes: 2`).
 
 They run after every other test (`late`), on servers started in the background while the ordinary
 tests ran: the "drain" server once the offline oracle has exited, the "engine_death" server once the
@@ -37,7 +38,7 @@ from tests.conftest import (
 from tests.integration.test_hardening_http import CHAT, assert_healthy
 from tests.support.checks import assert_error_object, assert_openai_error, sse_events
 from tests.support.image_host import ImageHost
-from tests.support.images import encode, make_image
+from tests.support.images import encode, make_image, png_data_uri
 from tests.support.live_server import LiveServer
 from tests.support.probes import metric, metric_in, rss_mb, wait_for
 
@@ -393,6 +394,58 @@ async def test_sigterm_drains_in_flight_streams_refuses_new_work_and_exits_zero(
     assert exited_after < FAULT_DRAIN_SECONDS + 15
 
 
+# ---- several API processes on one engine core (the "engine_death" server runs two) -----------------------
+
+
+def _api_processes(server: LiveServer) -> list[psutil.Process]:
+    supervisor = psutil.Process(server.process.pid)  # type: ignore[union-attr]
+    return [child for child in supervisor.children() if "gemma-server::ApiServer" in " ".join(child.cmdline())]
+
+
+def _image_part(url: str) -> dict[str, Any]:
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def _cpu_seconds(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return float(times.user + times.system)
+
+
+@pytest.mark.late(3.5)
+async def test_two_api_processes_share_the_engine_and_the_metrics(
+    engine_death_server: LiveServer, report: Callable[[str], None]
+) -> None:
+    base = engine_death_server.base_url
+    processes = _api_processes(engine_death_server)
+    assert len(processes) == 2, [p.cmdline() for p in psutil.Process(engine_death_server.process.pid).children()]  # type: ignore[union-attr]
+    chat_200 = {"route": CHAT, "status": "200"}
+    before = metric(base, "gemma_server_requests_total", chat_200, KEY)
+    cpu_before = [_cpu_seconds(p) for p in processes]
+    # One connection per request, all at once: the least loaded process accepts each. Each process
+    # admits its share of the capacity (8 of 16), so 8 at once are served however they are spread.
+    requests = 8
+    async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=requests)) as client:
+
+        async def one(i: int) -> httpx.Response:
+            body = _body(8, text=f"Describe {i}")
+            image = png_data_uri(1280, 960, color=(20 * i, 100, 200))  # distinct: no cache hits
+            body["messages"][0]["content"] = [{"type": "text", "text": f"Describe {i}"}, _image_part(image)]
+            return await client.post(base + CHAT, json=body, headers=KEY)
+
+        responses = await asyncio.gather(*(one(i) for i in range(requests)))
+    assert [r.status_code for r in responses] == [200] * requests, [r.text for r in responses if r.status_code != 200]
+    cpu = [_cpu_seconds(p) - b for p, b in zip(processes, cpu_before, strict=True)]
+    # Whichever process answers /metrics shows the sum over both.
+    totals = {metric(base, "gemma_server_requests_total", chat_200, KEY) - before for _ in range(4)}
+    report(
+        f"2 API processes: {requests} image requests at once, API CPU {cpu[0]:.2f} s + {cpu[1]:.2f} s; "
+        f"/metrics (4 scrapes) counted {sorted(totals)}"
+    )
+    assert totals == {requests}
+    # Both took part. Not an even split: a process busy decoding images wakes later to accept.
+    assert min(cpu) > 0.1 * sum(cpu), cpu
+
+
 # ---- the engine process dies ----------------------------------------------------------------------------
 
 
@@ -422,6 +475,7 @@ async def test_engine_death_fails_readiness_errors_in_flight_requests_and_exits_
 
         assert await _eventually(both_running, 30)
 
+        api_processes = _api_processes(server)
         _engine_core(server).kill()
         killed = time.monotonic()
         not_ready_after = None
@@ -438,10 +492,14 @@ async def test_engine_death_fails_readiness_errors_in_flight_requests_and_exits_
         plain_response = await asyncio.wait_for(plain, 60)
     code = await asyncio.to_thread(server.process.wait, 60)  # type: ignore[union-attr]
     exited_after = time.monotonic() - killed
-    report(f"engine death: /ready failed after {not_ready_after} s; exit code {code} after {exited_after:.1f} s")
+    report(
+        f"engine death (2 API processes): /ready failed after {not_ready_after} s; exit code {code} after "
+        f"{exited_after:.1f} s"
+    )
     assert not_ready_after is not None and not_ready_after < 5
     assert stream.error is None and stream.status == 200
     assert stream.events[-1] == "[DONE]"
     assert_error_object(json.loads(stream.events[-2]))
     assert_openai_error(plain_response, 503)
-    assert code not in (0, None)
+    assert code == 4
+    assert len(api_processes) == 2 and not any(p.is_running() for p in api_processes)
