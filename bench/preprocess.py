@@ -10,7 +10,10 @@ distort a per-core figure; wall time is reported too):
 - process: the Gemma 3 HF processor call vLLM makes (prompt + image -> token ids and normalized
   pixel tensors), at the tiny model's 64x64 and at gemma-3-4b-it's 896x896.
 
-Run as `python -m bench.preprocess [--model DIR] [--seconds S]`; prints JSON.
+Then the whole pipeline (decode + hash + process at 896x896) in 1 and 2 processes at once, in
+images/s of wall time: how the image work of several API processes scales with this machine's cores.
+
+Run as `python -m bench.preprocess [--model DIR] [--seconds S] [--parallel N ...]`; prints JSON.
 """
 
 from __future__ import annotations
@@ -91,6 +94,59 @@ def measure(model_dir: str, seconds: float) -> dict[str, Any]:
     return {"image": "1920x1080 JPEG q85", "jpeg_bytes": len(jpeg), "steps": results}
 
 
+def _pipeline(model_dir: str) -> Callable[[], Any]:
+    """decode + vLLM's hash + the Gemma 3 processor at 896x896, for one 1920x1080 JPEG data URI."""
+    import torch
+    from transformers import AutoProcessor
+    from vllm.multimodal.hasher import MultiModalHasher
+
+    from server.media import decode_data_uri, decode_image
+
+    torch.set_num_threads(1)
+    uri = "data:image/jpeg;base64," + base64.b64encode(_test_jpeg()).decode()
+    processor = AutoProcessor.from_pretrained(model_dir)  # type: ignore[no-untyped-call]
+    prompt = f"<start_of_turn>user\n{processor.boi_token} Describe.<end_of_turn>\n<start_of_turn>model\n"
+    size = {"height": GEMMA_4B_IMAGE_SIZE, "width": GEMMA_4B_IMAGE_SIZE}
+
+    def step() -> Any:
+        image = decode_image(decode_data_uri(uri, 1 << 26, "p"), 50_000_000, "p")
+        MultiModalHasher.hash_kwargs("blake3", model_id="m", image=image)
+        return processor(text=prompt, images=[image], return_tensors="pt", size=size)
+
+    return step
+
+
+def _pipeline_worker(model_dir: str, seconds: float, start: Any, results: Any) -> None:
+    step = _pipeline(model_dir)
+    step()
+    start.wait()  # all workers begin together, after their set-up
+    count, began = 0, time.perf_counter()
+    while time.perf_counter() - began < seconds:
+        step()
+        count += 1
+    results.put(count)
+
+
+def measure_parallel(model_dir: str, process_counts: list[int], seconds: float) -> dict[str, Any]:
+    """Images/s (wall) through the whole image pipeline with N processes at once, one torch thread
+    each: how the front end's image work scales with API processes on this machine's cores."""
+    import multiprocessing
+
+    spawn = multiprocessing.get_context("spawn")
+    rates: dict[str, Any] = {}
+    for count in process_counts:
+        start, results = spawn.Barrier(count), spawn.Queue()
+        args = (model_dir, seconds, start, results)
+        workers = [spawn.Process(target=_pipeline_worker, args=args) for _ in range(count)]
+        for worker in workers:
+            worker.start()
+        done = sum(results.get(timeout=600) for _ in workers)
+        for worker in workers:
+            worker.join()
+        rates[str(count)] = {"processes": count, "images_per_s": done / seconds}
+    return rates
+
+
 def measure_vllm_path(config_path: str, per_mode: int) -> dict[str, Any]:
     """vLLM's own multimodal path in the API process (`BaseRenderer._process_multimodal`, what runs
     in its single multimodal worker thread for every image), on distinct decoded 1920x1080 images
@@ -154,9 +210,13 @@ def main() -> None:
     parser.add_argument("--model", default=os.path.expanduser("~/.cache/gemma-server/tiny-gemma3"))
     parser.add_argument("--config", default=None, help="also measure vLLM's multimodal path with this server config")
     parser.add_argument("--seconds", type=float, default=3.0, help="wall time per step")
+    parser.add_argument("--parallel", type=int, nargs="*", default=[1, 2], metavar="N",
+                        help="also the whole pipeline's images/s with N processes at once (default: 1 2)")  # fmt: skip
     args = parser.parse_args()
     Image.MAX_IMAGE_PIXELS = None
     result = measure(args.model, args.seconds)
+    if args.parallel:
+        result["parallel"] = measure_parallel(args.model, args.parallel, max(args.seconds, 5.0))
     if args.config:
         result["vllm_path"] = measure_vllm_path(args.config, per_mode=15)
     print(json.dumps(result))

@@ -235,6 +235,20 @@ def preprocess_table(results: dict[str, Any]) -> str:
             f"| **total at {size}x{size}: {total['images_per_core_s']:.0f} images/s per core** "
             f"| {total['cpu_ms']:.1f} |"
         )
+    parallel = pre.get("parallel")
+    if parallel:
+        one = parallel.get("1", {}).get("images_per_s")
+        rows += [
+            "",
+            "The whole pipeline (decode + hash + processor at 896x896) in N processes at once, one torch thread each "
+            "(as N API processes would run it), images/s of wall time on this machine:",
+            "",
+            "| processes | images/s | vs 1 process |",
+            "|---:|---:|---:|",
+        ]
+        for entry in sorted(parallel.values(), key=lambda e: e["processes"]):
+            ratio = f"{entry['images_per_s'] / one:.2f}x" if one else "–"
+            rows.append(f"| {entry['processes']} | {entry['images_per_s']:.1f} | {ratio} |")
     vllm_path = pre.get("vllm_path")
     if vllm_path:
         rows += [
