@@ -19,6 +19,11 @@ while waiting leaves the queue at once and never reaches the engine. Time spent 
 as `gemma_server_queue_time_seconds`; the waiting count as `gemma_server_requests_waiting`;
 refusals as `gemma_server_rejected_requests_total{reason}`.
 
+With several API processes (`server.api_processes`), `max_in_flight` bounds their sum: each process
+takes and returns slots in a `SharedInFlight` count in shared memory, and a process with waiting
+requests looks for slots freed by the others every `SHARED_POLL_SECONDS`. The waiting bounds stay
+per process (each has its share), as waiting requests live in one process's memory.
+
 This module imports neither vLLM nor the engine; it only counts.
 """
 
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import multiprocessing
 import time
 from collections import deque
 from collections.abc import AsyncIterator
@@ -45,6 +51,8 @@ from server.settings import AdmissionSettings
 # for most text with Gemma's tokenizer) and Gemma 3's 256 soft tokens plus markers per image.
 CHARS_PER_TOKEN = 3
 TOKENS_PER_IMAGE = 260
+# How often a process with waiting requests checks for slots freed by other API processes.
+SHARED_POLL_SECONDS = 0.005
 
 
 def estimate_prompt_tokens(chars: int, images: int = 0) -> int:
@@ -83,10 +91,37 @@ class _Waiter:
     arrived: float = field(default_factory=time.perf_counter)
 
 
+class SharedInFlight:
+    """The number of generation requests in flight in all API processes of one server.
+
+    A counter in shared memory, created by the supervisor and handed to each API process when it
+    is spawned; taking and returning a slot hold its lock for a few instructions."""
+
+    def __init__(self) -> None:
+        self._count = multiprocessing.get_context("spawn").Value("i", 0)
+
+    def try_take(self, limit: int) -> bool:
+        with self._count.get_lock():
+            if self._count.value >= limit:
+                return False
+            self._count.value += 1
+            return True
+
+    def give_back(self) -> None:
+        with self._count.get_lock():
+            self._count.value -= 1
+
+    @property
+    def value(self) -> int:
+        return int(self._count.value)
+
+
 class Admission:
-    def __init__(self, settings: AdmissionSettings, metrics: Metrics) -> None:
+    def __init__(self, settings: AdmissionSettings, metrics: Metrics, shared: SharedInFlight | None = None) -> None:
         self.settings = settings
         self.metrics = metrics
+        self._shared = shared  # several API processes: max_in_flight bounds their sum
+        self._poller: asyncio.Task[None] | None = None
         self._in_flight = 0
         self._waiting: deque[_Waiter] = deque()
         self._waiting_tokens = 0
@@ -137,8 +172,7 @@ class Admission:
         if self._draining:
             self.metrics.rejected.labels("draining").inc()
             raise self._draining_error()
-        if self._in_flight < self.settings.max_in_flight and not self._waiting:
-            self._take()
+        if not self._waiting and self._try_take():
             self.metrics.queue_time.observe(0.0)
             return
         if (
@@ -154,6 +188,8 @@ class Admission:
         self._waiting.append(waiter)
         self._waiting_tokens += tokens
         self._publish_waiting()
+        if self._shared is not None and self._poller is None:
+            self._poller = asyncio.create_task(self._poll_shared())
         try:
             await _wait_unless_disconnected(waiter.future, http_request)
         except BaseException:
@@ -163,21 +199,44 @@ class Admission:
             raise
         self.metrics.queue_time.observe(time.perf_counter() - waiter.arrived)
 
-    def _take(self) -> None:
+    def _try_take(self) -> bool:
+        if self._shared is not None:
+            if not self._shared.try_take(self.settings.max_in_flight):
+                return False
+        elif self._in_flight >= self.settings.max_in_flight:
+            return False
         self._in_flight += 1
         self._idle.clear()
+        return True
 
     def _release(self) -> None:
         self._in_flight -= 1
-        while self._waiting and self._in_flight < self.settings.max_in_flight:
-            waiter = self._waiting.popleft()
-            self._waiting_tokens -= waiter.tokens
-            if not waiter.future.done():
-                self._take()
-                waiter.future.set_result(None)
-        self._publish_waiting()
+        if self._shared is not None:
+            self._shared.give_back()
+        self._admit_waiters()
         if self._in_flight == 0:
             self._idle.set()
+
+    def _admit_waiters(self) -> None:
+        """Hands free slots to waiting requests, first come first served."""
+        while self._waiting:
+            waiter = self._waiting[0]
+            if not waiter.future.done() and not self._try_take():
+                break
+            self._waiting.popleft()
+            self._waiting_tokens -= waiter.tokens
+            if not waiter.future.done():
+                waiter.future.set_result(None)
+        self._publish_waiting()
+
+    async def _poll_shared(self) -> None:
+        """While requests wait here, takes slots that other API processes have freed."""
+        try:
+            while self._waiting:
+                await asyncio.sleep(SHARED_POLL_SECONDS)
+                self._admit_waiters()
+        finally:
+            self._poller = None
 
     def _forget(self, waiter: _Waiter) -> None:
         if waiter in self._waiting:

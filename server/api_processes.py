@@ -23,8 +23,9 @@ What the supervisor adds:
   closes if the supervisor itself dies, so no API process outlives it.
 - If an API process fails, the others are drained and the supervisor exits with its code: the
   orchestrator restarts the whole set, as it would one process.
-- Admission limits are divided between the processes (each admits its share); Prometheus runs in
-  multi-process mode, so any process's /metrics shows the sum over all of them.
+- `admission.max_in_flight` bounds the sum over the processes (a count in shared memory); the
+  waiting bounds are divided between them. Prometheus runs in multi-process mode, so any
+  process's /metrics shows the sum over all of them.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from multiprocessing import connection
 from types import FrameType
 from typing import Any
 
+from server.admission import SharedInFlight
 from server.lifecycle import DrainingServer, run_server
 from server.settings import Settings
 
@@ -60,20 +62,22 @@ class _ApiProcessArgs:
 
     settings: Settings
     supervisor_alive: connection.Connection  # EOF: the engine core or the supervisor is gone
+    in_flight: SharedInFlight  # admission.max_in_flight bounds the sum over all API processes
     # vLLM's manager reads this optional attribute of its `args`; None: no shared request queue bound.
     max_num_queued_reqs: int | None = None
 
 
 def share_of_admission(settings: Settings, count: int) -> Settings:
-    """Settings for one of `count` API processes: each admits its share of the limits.
+    """Settings for one of `count` API processes: each may hold its share of the waiting requests.
 
-    Rounded up, so the total never falls below what was configured (it can exceed it by at most
-    `count - 1` per limit). Connections go to the process with the fewest open connections, but
-    requests per connection vary: one process's share can be full (429) while another has room."""
+    `max_in_flight` is not divided: it bounds the in-flight count the processes share
+    (`SharedInFlight`). The waiting bounds are, rounded up (the total can exceed the configured
+    one by at most `count - 1`): waiting requests live in one process. Connections go to the
+    process with the fewest open connections, and requests per connection vary, so one process's
+    waiting share can be full (429) while another's has room."""
     limits = settings.admission
     share = limits.model_copy(
         update={
-            "max_in_flight": math.ceil(limits.max_in_flight / count),
             "max_waiting": math.ceil(limits.max_waiting / count),
             "max_waiting_prompt_tokens": math.ceil(limits.max_waiting_prompt_tokens / count),
         }
@@ -121,7 +125,7 @@ def serve_api_processes(settings: Settings) -> int:
             manager = APIServerProcessManager(
                 listen_address=f"http://{host}:{port}",
                 sock=sock,
-                args=_ApiProcessArgs(share_of_admission(settings, count), alive_reader),  # type: ignore[arg-type]
+                args=_ApiProcessArgs(share_of_admission(settings, count), alive_reader, SharedInFlight()),  # type: ignore[arg-type]
                 num_servers=count,
                 input_listeners=zmq_listeners.inputs,
                 output_listeners=zmq_listeners.outputs,
@@ -269,11 +273,13 @@ def run_api_process(
         target=_watch_supervisor, args=(args.supervisor_alive, engine), name="supervisor-watch", daemon=True
     ).start()
     log.info("API process %d of %d (%s) starting", index, count, listen_address)
-    code = _serve_on_shared_socket(settings, engine, sock, peer_loads)
+    code = _serve_on_shared_socket(settings, engine, sock, peer_loads, args.in_flight)
     exit_now(code)
 
 
-def _serve_on_shared_socket(settings: Settings, engine: Any, sock: socket.socket, peer_loads: Any) -> int:
+def _serve_on_shared_socket(
+    settings: Settings, engine: Any, sock: socket.socket, peer_loads: Any, in_flight: SharedInFlight
+) -> int:
     import uvicorn
     from vllm.entrypoints.launchers.launcher import NoSignalServer
 
@@ -287,7 +293,9 @@ def _serve_on_shared_socket(settings: Settings, engine: Any, sock: socket.socket
             super().__init__(config, **kwargs)
             self.peer_loads = peer_loads
 
-    return run_server(settings, engine=engine, sockets=[sock], server_factory=SharedSocketServer)
+    return run_server(
+        settings, engine=engine, sockets=[sock], server_factory=SharedSocketServer, shared_in_flight=in_flight
+    )
 
 
 def _watch_supervisor(alive: connection.Connection, engine: Any) -> None:

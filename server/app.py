@@ -30,7 +30,12 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.admission import Admission, estimate_chat_prompt_tokens, estimate_completion_prompt_tokens
+from server.admission import (
+    Admission,
+    SharedInFlight,
+    estimate_chat_prompt_tokens,
+    estimate_completion_prompt_tokens,
+)
 from server.auth import ApiKeys, AuthMiddleware, OpenAICORSMiddleware, cors_options, public_paths
 from server.chat import ChatService
 from server.completions import CompletionService
@@ -79,7 +84,13 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 class AppState:
     """What the routes share; one per app (no module-level globals)."""
 
-    def __init__(self, settings: Settings, engine: EngineClient, on_fatal: FatalHandler) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        engine: EngineClient,
+        on_fatal: FatalHandler,
+        shared_in_flight: SharedInFlight | None = None,
+    ) -> None:
         self.settings = settings
         self.engine = engine
         self.on_fatal = on_fatal
@@ -89,7 +100,7 @@ class AppState:
         self.chat = ChatService(settings, self.runner, self.images)
         self.completions = CompletionService(settings, self.runner)
         self.tokenization = TokenizationService(self.chat)
-        self.admission = Admission(settings.admission, self.metrics)
+        self.admission = Admission(settings.admission, self.metrics, shared_in_flight)
         self.api_keys = ApiKeys(settings.auth)
         self.started_at = int(time.time())
         self.startup_error: str | None = None
@@ -145,9 +156,11 @@ def create_app(
     engine: EngineClient | None = None,
     start_engine: Callable[[], Awaitable[None]] | None = None,
     on_fatal: FatalHandler | None = None,
+    shared_in_flight: SharedInFlight | None = None,
 ) -> FastAPI:
+    """`shared_in_flight`: in one of several API processes, the in-flight count they share."""
     engine = engine if engine is not None else _default_engine(settings)
-    state = AppState(settings, engine, on_fatal or _log_fatal)
+    state = AppState(settings, engine, on_fatal or _log_fatal, shared_in_flight)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import uvicorn
 
 if TYPE_CHECKING:
+    from server.admission import SharedInFlight
     from server.generation import EngineClient
     from server.settings import Settings
 
@@ -41,12 +42,14 @@ def run_server(
     engine: EngineClient | None = None,
     sockets: list[socket.socket] | None = None,
     server_factory: ServerFactory | None = None,
+    shared_in_flight: SharedInFlight | None = None,
 ) -> int:
     """Serves the app until SIGTERM's drain ends or the engine fails; returns the exit code.
 
     Without arguments: one process, listening on `server.host:server.port`, the engine in it. An API
-    process of `server.api_processes` passes its engine client, the shared listening socket and a
-    server class that accepts from it (`server/api_processes.py`)."""
+    process of `server.api_processes` passes its engine client, the shared listening socket, a
+    server class that accepts from it and the in-flight count shared with its siblings
+    (`server/api_processes.py`)."""
     from server.app import AppState, create_app, drain
 
     exit_code = 0
@@ -59,7 +62,7 @@ def run_server(
         if server is not None:
             server.should_exit = True
 
-    app = create_app(settings, engine=engine, on_fatal=on_fatal)
+    app = create_app(settings, engine=engine, on_fatal=on_fatal, shared_in_flight=shared_in_flight)
     state: AppState = app.state.gemma
     config = uvicorn.Config(
         app,

@@ -36,9 +36,12 @@ def _cheapen(body: Any, example: int) -> None:
         body["model"] = SERVED_MODEL
     for field in ("max_tokens", "max_completion_tokens"):
         value = body.get(field)
-        if isinstance(value, int) and not isinstance(value, bool) and value > MAX_FUZZ_TOKENS:
+        # null asks for the rest of the context: thousands of tokens, minutes on a loaded machine
+        # (one such case timed out at 120 s, and hypothesis then replayed it while shrinking).
+        too_many = value is None and field in body
+        if too_many or (isinstance(value, int) and not isinstance(value, bool) and value > MAX_FUZZ_TOKENS):
             body[field] = MAX_FUZZ_TOKENS
-    if "max_tokens" not in body and "max_completion_tokens" not in body and "messages" in body:
+    if "max_tokens" not in body and "max_completion_tokens" not in body and ("messages" in body or "prompt" in body):
         body["max_tokens"] = MAX_FUZZ_TOKENS
     if isinstance(body.get("n"), int) and not isinstance(body["n"], bool) and body["n"] > 2:
         body["n"] = 2

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from server.admission import Admission, estimate_chat_prompt_tokens
+from server.admission import Admission, SharedInFlight, estimate_chat_prompt_tokens
 from server.errors import ClientClosedRequestError, RateLimitError, ServiceUnavailableError
 from server.metrics import Metrics
 from server.protocol import ChatCompletionRequest
@@ -185,3 +185,49 @@ def test_prompt_estimate_counts_text_and_images() -> None:
         }
     )
     assert estimate_chat_prompt_tokens(request) == 1 + 330 // 3 + 260
+
+
+# ---- several API processes: one in-flight bound over all of them ----------------------------------------
+
+
+def _siblings(max_in_flight: int) -> tuple[Admission, Admission, SharedInFlight]:
+    """Two API processes' admissions on one shared count (in one process here: the count is shared
+    memory either way; tests/unit/test_api_processes.py and the live suite run real processes)."""
+    shared = SharedInFlight()
+    settings = AdmissionSettings(max_in_flight=max_in_flight, max_waiting=4, max_waiting_prompt_tokens=1000)
+    return Admission(settings, Metrics(), shared), Admission(settings, Metrics(), shared), shared
+
+
+async def test_max_in_flight_bounds_the_sum_over_api_processes() -> None:
+    first, second, shared = _siblings(max_in_flight=3)
+    release = asyncio.Event()
+    holders = [asyncio.create_task(_hold(first, release)) for _ in range(2)]
+    holders.append(asyncio.create_task(_hold(second, release)))
+    queued = asyncio.create_task(_hold(second, release))
+    await asyncio.sleep(0.02)
+    assert (first.in_flight, second.in_flight, shared.value) == (2, 1, 3)
+    assert second.waiting == 1  # room in its own share of 3 would have let it in: the sum is full
+    release.set()
+    await asyncio.gather(*holders, queued)
+    assert (first.in_flight, second.in_flight, shared.value) == (0, 0, 0)
+
+
+async def test_a_slot_freed_in_one_process_reaches_a_request_waiting_in_another() -> None:
+    first, second, shared = _siblings(max_in_flight=2)
+    release_first, release_second = asyncio.Event(), asyncio.Event()
+    holders = [asyncio.create_task(_hold(first, release_first)) for _ in range(2)]
+    await asyncio.sleep(0.01)
+    log: list[str] = []
+    waiting = asyncio.create_task(_hold(second, release_second, tokens=7, log=log))
+    await asyncio.sleep(0.02)
+    assert log == [] and second.waiting == 1
+    release_first.set()  # the first process frees both slots; nothing happens in the second one
+    await asyncio.gather(*holders)
+    for _ in range(100):
+        if log:
+            break
+        await asyncio.sleep(0.005)
+    assert log == ["in:7"] and second.in_flight == 1 and shared.value == 1
+    release_second.set()
+    await waiting
+    assert shared.value == 0

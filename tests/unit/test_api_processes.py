@@ -129,13 +129,11 @@ def test_engine_core_death_closes_the_pipe_and_the_set_exits_4(pipe: Any) -> Non
     assert [child.exitcode for child in children] == [ENGINE_DIED_EXIT_CODE] * 2  # told through the pipe
 
 
-@pytest.mark.parametrize(
-    ("count", "in_flight", "waiting", "tokens"),
-    [(1, 10, 6, 1000), (2, 5, 3, 500), (3, 4, 2, 334), (4, 3, 2, 250)],
-)
-def test_admission_limits_are_shared_out_rounded_up(count: int, in_flight: int, waiting: int, tokens: int) -> None:
+@pytest.mark.parametrize(("count", "waiting", "tokens"), [(1, 6, 1000), (2, 3, 500), (3, 2, 334), (4, 2, 250)])
+def test_waiting_bounds_are_shared_out_rounded_up_and_in_flight_is_not(count: int, waiting: int, tokens: int) -> None:
     settings = fake_settings(admission={"max_in_flight": 10, "max_waiting": 6, "max_waiting_prompt_tokens": 1000})
     share = share_of_admission(settings, count).admission
-    assert (share.max_in_flight, share.max_waiting, share.max_waiting_prompt_tokens) == (in_flight, waiting, tokens)
+    assert (share.max_waiting, share.max_waiting_prompt_tokens) == (waiting, tokens)
+    assert share.max_in_flight == 10  # bounds the sum, through SharedInFlight
     assert share.retry_after_seconds == settings.admission.retry_after_seconds
-    assert settings.admission.max_in_flight == 10  # the original is not changed
+    assert settings.admission.max_waiting == 6  # the original is not changed
