@@ -63,8 +63,6 @@ class _ApiProcessArgs:
     settings: Settings
     supervisor_alive: connection.Connection  # EOF: the engine core or the supervisor is gone
     in_flight: SharedInFlight  # admission.max_in_flight bounds the sum over all API processes
-    # vLLM's manager reads this optional attribute of its `args`; None: no shared request queue bound.
-    max_num_queued_reqs: int | None = None
 
 
 def share_of_admission(settings: Settings, count: int) -> Settings:
@@ -96,7 +94,10 @@ def serve_api_processes(settings: Settings) -> int:
     from server.engine import engine_args_from_settings
 
     count = settings.server.api_processes
-    _build_tiny_model_if_missing(settings)
+    if settings.model.build_tiny_if_missing:  # the engine core reads the checkpoint's config at launch
+        from server import tiny_model
+
+        tiny_model.build_tiny_model(settings.model.resolved_path)  # returns at once once built
     # Before any API process starts: prometheus_client picks file-backed values at import.
     metrics_dir = None
     if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
@@ -201,7 +202,7 @@ class _Supervisor:
             for sentinel in connection.wait([*waiting, *engine]):
                 if sentinel in engine:
                     self._engine_core_died(engine.pop(sentinel), alive_writer)
-                    engine.clear()
+                    engine.clear()  # one death stops the set; no need to hear of the others
                     continue
                 process = waiting.pop(sentinel)
                 process.join(timeout=5)  # the sentinel can fire a moment before the exit status exists
@@ -237,17 +238,6 @@ class _Supervisor:
                 log.warning("API process %s did not exit in time: killing it", process.name)
                 process.kill()
                 process.join(timeout=5)
-
-
-def _build_tiny_model_if_missing(settings: Settings) -> None:
-    """The engine core reads the checkpoint's config at launch, before any API process could build it."""
-    model = settings.model
-    if model.build_tiny_if_missing:
-        from server import tiny_model
-
-        if not tiny_model.is_complete(model.resolved_path):
-            log.info("building the tiny Gemma 3 checkpoint at %s (first use)", model.resolved_path)
-            tiny_model.build_tiny_model(model.resolved_path)
 
 
 # ---- one API process ---------------------------------------------------------------------------

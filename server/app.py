@@ -213,9 +213,7 @@ async def _start_engine(state: AppState) -> None:
     if model.build_tiny_if_missing:
         from server import tiny_model
 
-        if not tiny_model.is_complete(model.resolved_path):
-            log.info("building the tiny Gemma 3 checkpoint at %s (first use)", model.resolved_path)
-            await asyncio.to_thread(tiny_model.build_tiny_model, model.resolved_path)
+        await asyncio.to_thread(tiny_model.build_tiny_model, model.resolved_path)  # returns at once once built
     await state.engine.start()
     await run_self_test(state.chat)
 
