@@ -55,20 +55,27 @@ def _rate(step: Callable[[], Any], seconds: float) -> dict[str, float]:
     return {"count": count, "cpu_ms": 1000 * cpu / count, "wall_ms": 1000 * wall / count}
 
 
-def measure(model_dir: str, seconds: float) -> dict[str, Any]:
+def _set_up(model_dir: str) -> tuple[bytes, str, Any, str]:
+    """One torch thread (per core: vLLM also pins the processor to one), the test JPEG, its data
+    URI, the checkpoint's processor and a one-image prompt."""
     import torch
     from transformers import AutoProcessor
+
+    torch.set_num_threads(1)
+    jpeg = _test_jpeg()
+    uri = "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()
+    processor = AutoProcessor.from_pretrained(model_dir)  # type: ignore[no-untyped-call]
+    prompt = f"<start_of_turn>user\n{processor.boi_token} Describe.<end_of_turn>\n<start_of_turn>model\n"
+    return jpeg, uri, processor, prompt
+
+
+def measure(model_dir: str, seconds: float) -> dict[str, Any]:
     from vllm.multimodal.hasher import MultiModalHasher
 
     from server.media import decode_data_uri, decode_image
 
-    torch.set_num_threads(1)  # per core: vLLM also pins the processor to one torch thread
-    jpeg = _test_jpeg()
-    uri = "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()
+    jpeg, uri, processor, prompt = _set_up(model_dir)
     image = decode_image(decode_data_uri(uri, 1 << 26, "p"), 50_000_000, "p")
-
-    processor = AutoProcessor.from_pretrained(model_dir)  # type: ignore[no-untyped-call]
-    prompt = f"<start_of_turn>user\n{processor.boi_token} Describe.<end_of_turn>\n<start_of_turn>model\n"
     tiny_size = dict(processor.image_processor.size)
 
     def process(size: int) -> Callable[[], Any]:
@@ -96,16 +103,11 @@ def measure(model_dir: str, seconds: float) -> dict[str, Any]:
 
 def _pipeline(model_dir: str) -> Callable[[], Any]:
     """decode + vLLM's hash + the Gemma 3 processor at 896x896, for one 1920x1080 JPEG data URI."""
-    import torch
-    from transformers import AutoProcessor
     from vllm.multimodal.hasher import MultiModalHasher
 
     from server.media import decode_data_uri, decode_image
 
-    torch.set_num_threads(1)
-    uri = "data:image/jpeg;base64," + base64.b64encode(_test_jpeg()).decode()
-    processor = AutoProcessor.from_pretrained(model_dir)  # type: ignore[no-untyped-call]
-    prompt = f"<start_of_turn>user\n{processor.boi_token} Describe.<end_of_turn>\n<start_of_turn>model\n"
+    _, uri, processor, prompt = _set_up(model_dir)
     size = {"height": GEMMA_4B_IMAGE_SIZE, "width": GEMMA_4B_IMAGE_SIZE}
 
     def step() -> Any:

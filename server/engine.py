@@ -78,16 +78,17 @@ def engine_args_from_settings(settings: Settings) -> AsyncEngineArgs:
 
 def _attach_to_shared_core(args: AsyncEngineArgs, shared_core: dict[str, Any]) -> AsyncLLM:
     """An AsyncLLM that is client `client_index` of `client_count` of an engine core started elsewhere."""
-    count, index = shared_core.pop("client_count"), shared_core.pop("client_index")
+    count, index = shared_core["client_count"], shared_core["client_index"]
     args._api_process_count = count
     args._api_process_rank = index
     vllm_config = args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
+    addresses = {key: value for key, value in shared_core.items() if key not in ("client_count", "client_index")}
     return AsyncLLM.from_vllm_config(
         vllm_config=vllm_config,
         usage_context=UsageContext.OPENAI_API_SERVER,
         enable_log_requests=False,
         disable_log_stats=args.disable_log_stats,
-        client_addresses=shared_core,
+        client_addresses=addresses,
         client_count=count,
         client_index=index,
     )
@@ -101,7 +102,7 @@ class VllmEngine:
         core its parent started (vLLM's client config: ZMQ addresses, `client_index`,
         `client_count`); this process's AsyncLLM then attaches to it instead of spawning one."""
         self.settings = settings
-        self._shared_core = dict(shared_core) if shared_core is not None else None
+        self._shared_core = shared_core
         self.model_name = settings.model.served_name
         self.max_model_len = settings.engine.max_model_len
         self._llm: AsyncLLM | None = None
@@ -123,7 +124,7 @@ class VllmEngine:
         if self._shared_core is None:
             llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
         else:
-            llm = await asyncio.to_thread(_attach_to_shared_core, args, dict(self._shared_core))
+            llm = await asyncio.to_thread(_attach_to_shared_core, args, self._shared_core)
         self._llm = llm
         self.max_model_len = llm.model_config.max_model_len
         self._defaults = llm.model_config.get_diff_sampling_param()
