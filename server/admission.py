@@ -19,10 +19,12 @@ while waiting leaves the queue at once and never reaches the engine. Time spent 
 as `gemma_server_queue_time_seconds`; the waiting count as `gemma_server_requests_waiting`;
 refusals as `gemma_server_rejected_requests_total{reason}`.
 
-With several API processes (`server.api_processes`), `max_in_flight` bounds their sum: each process
-takes and returns slots in a `SharedInFlight` count in shared memory, and a process with waiting
-requests looks for slots freed by the others every `SHARED_POLL_SECONDS`. The waiting bounds stay
-per process (each has its share), as waiting requests live in one process's memory.
+With several API processes (`server.api_processes`), every bound is over all of them: they keep the
+in-flight and waiting counts in one `AdmissionCounts.shared()`, in shared memory. A waiting request
+lives in the process that received it; a process with waiting requests looks for slots freed by the
+others every `SHARED_POLL_SECONDS`, and a new request does not jump the queue while any process has
+requests waiting. So order is first come first served within a process and, to within that poll,
+across processes.
 
 This module imports neither vLLM nor the engine; it only counts.
 """
@@ -36,6 +38,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from fastapi import Request
 from starlette.responses import Response, StreamingResponse
@@ -91,39 +94,79 @@ class _Waiter:
     arrived: float = field(default_factory=time.perf_counter)
 
 
-class SharedInFlight:
-    """The number of generation requests in flight in all API processes of one server.
+class AdmissionCounts:
+    """How many generation requests are in flight and waiting (and their estimated prompt tokens),
+    checked against the bounds and changed in one step.
 
-    A counter in shared memory, created by the supervisor and handed to each API process when it
-    is spawned; taking and returning a slot hold its lock for a few instructions."""
+    `AdmissionCounts()` is one API process's, in plain integers. `AdmissionCounts.shared()` keeps
+    them in shared memory for all API processes of one server: the supervisor creates it and hands
+    it to each process when it is spawned, and every change holds one lock for a few instructions.
+    Reads without the lock may be a moment stale, which only moves a decision to the next poll."""
+
+    _IN_FLIGHT, _WAITING, _WAITING_TOKENS = range(3)
 
     def __init__(self) -> None:
-        self._count = multiprocessing.get_context("spawn").Value("i", 0)
+        self._lock: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
+        self._values: Any = [0, 0, 0]
 
-    def try_take(self, limit: int) -> bool:
-        with self._count.get_lock():
-            if self._count.value >= limit:
+    @classmethod
+    def shared(cls) -> AdmissionCounts:
+        counts = cls()
+        context = multiprocessing.get_context("spawn")
+        counts._lock = context.Lock()
+        counts._values = context.RawArray("q", 3)
+        return counts
+
+    @property
+    def in_flight(self) -> int:
+        return int(self._values[self._IN_FLIGHT])
+
+    @property
+    def waiting(self) -> int:
+        return int(self._values[self._WAITING])
+
+    @property
+    def waiting_tokens(self) -> int:
+        return int(self._values[self._WAITING_TOKENS])
+
+    def try_take(self, max_in_flight: int) -> bool:
+        with self._lock:
+            if self._values[self._IN_FLIGHT] >= max_in_flight:
                 return False
-            self._count.value += 1
+            self._values[self._IN_FLIGHT] += 1
             return True
 
     def give_back(self) -> None:
-        with self._count.get_lock():
-            self._count.value -= 1
+        with self._lock:
+            self._values[self._IN_FLIGHT] -= 1
 
-    @property
-    def value(self) -> int:
-        return int(self._count.value)
+    def try_join_queue(self, tokens: int, max_waiting: int, max_waiting_tokens: int) -> bool:
+        with self._lock:
+            if (
+                self._values[self._WAITING] >= max_waiting
+                or self._values[self._WAITING_TOKENS] + tokens > max_waiting_tokens
+            ):
+                return False
+            self._values[self._WAITING] += 1
+            self._values[self._WAITING_TOKENS] += tokens
+            return True
+
+    def leave_queue(self, tokens: int) -> None:
+        with self._lock:
+            self._values[self._WAITING] -= 1
+            self._values[self._WAITING_TOKENS] -= tokens
 
 
 class Admission:
-    def __init__(self, settings: AdmissionSettings, metrics: Metrics, shared: SharedInFlight | None = None) -> None:
+    def __init__(self, settings: AdmissionSettings, metrics: Metrics, shared: AdmissionCounts | None = None) -> None:
         self.settings = settings
         self.metrics = metrics
-        self._shared = shared  # several API processes: max_in_flight bounds their sum
+        # The bounds apply to these counts: this process's, or those of all API processes.
+        self._counts = shared or AdmissionCounts()
+        self._counts_are_shared = shared is not None
         self._poller: asyncio.Task[None] | None = None
-        self._in_flight = 0
-        self._waiting: deque[_Waiter] = deque()
+        self._in_flight = 0  # this process's own slots (the drain waits for them)
+        self._waiting: deque[_Waiter] = deque()  # this process's own waiting requests, in order
         self._waiting_tokens = 0
         self._draining = False
         self._idle = asyncio.Event()
@@ -172,13 +215,11 @@ class Admission:
         if self._draining:
             self.metrics.rejected.labels("draining").inc()
             raise self._draining_error()
-        if not self._waiting and self._try_take():
+        if not self._counts.waiting and self._try_take():  # nobody queued anywhere: no one to overtake
             self.metrics.queue_time.observe(0.0)
             return
-        if (
-            len(self._waiting) >= self.settings.max_waiting
-            or self._waiting_tokens + tokens > self.settings.max_waiting_prompt_tokens
-        ):
+        limits = self.settings
+        if not self._counts.try_join_queue(tokens, limits.max_waiting, limits.max_waiting_prompt_tokens):
             self.metrics.rejected.labels("capacity").inc()
             raise RateLimitError(
                 "the server is at capacity; retry after a moment",
@@ -188,8 +229,8 @@ class Admission:
         self._waiting.append(waiter)
         self._waiting_tokens += tokens
         self._publish_waiting()
-        if self._shared is not None and self._poller is None:
-            self._poller = asyncio.create_task(self._poll_shared())
+        if self._counts_are_shared and self._poller is None:
+            self._poller = asyncio.create_task(self._poll_for_free_slots())
         try:
             await _wait_unless_disconnected(waiter.future, http_request)
         except BaseException:
@@ -200,10 +241,7 @@ class Admission:
         self.metrics.queue_time.observe(time.perf_counter() - waiter.arrived)
 
     def _try_take(self) -> bool:
-        if self._shared is not None:
-            if not self._shared.try_take(self.settings.max_in_flight):
-                return False
-        elif self._in_flight >= self.settings.max_in_flight:
+        if not self._counts.try_take(self.settings.max_in_flight):
             return False
         self._in_flight += 1
         self._idle.clear()
@@ -211,8 +249,7 @@ class Admission:
 
     def _release(self) -> None:
         self._in_flight -= 1
-        if self._shared is not None:
-            self._shared.give_back()
+        self._counts.give_back()
         self._admit_waiters()
         if self._in_flight == 0:
             self._idle.set()
@@ -223,14 +260,14 @@ class Admission:
             waiter = self._waiting[0]
             if not waiter.future.done() and not self._try_take():
                 break
-            self._waiting.popleft()
-            self._waiting_tokens -= waiter.tokens
+            self._dequeue(waiter)
             if not waiter.future.done():
                 waiter.future.set_result(None)
         self._publish_waiting()
 
-    async def _poll_shared(self) -> None:
-        """While requests wait here, takes slots that other API processes have freed."""
+    async def _poll_for_free_slots(self) -> None:
+        """While requests wait here, takes slots that other API processes have freed. (In one
+        process every freed slot reaches a waiter in `_release`.)"""
         try:
             while self._waiting:
                 await asyncio.sleep(SHARED_POLL_SECONDS)
@@ -240,9 +277,13 @@ class Admission:
 
     def _forget(self, waiter: _Waiter) -> None:
         if waiter in self._waiting:
-            self._waiting.remove(waiter)
-            self._waiting_tokens -= waiter.tokens
+            self._dequeue(waiter)
             self._publish_waiting()
+
+    def _dequeue(self, waiter: _Waiter) -> None:
+        self._waiting.remove(waiter)  # the first one, except when a client gave up
+        self._waiting_tokens -= waiter.tokens
+        self._counts.leave_queue(waiter.tokens)
 
     def _publish_waiting(self) -> None:
         self.metrics.requests_waiting.set(len(self._waiting))
@@ -258,8 +299,8 @@ class Admission:
         """Refuses new requests and sends every waiting one away with 503; in-flight ones go on."""
         self._draining = True
         while self._waiting:
-            waiter = self._waiting.popleft()
-            self._waiting_tokens -= waiter.tokens
+            waiter = self._waiting[0]
+            self._dequeue(waiter)
             if not waiter.future.done():
                 self.metrics.rejected.labels("draining").inc()
                 waiter.future.set_exception(self._draining_error())

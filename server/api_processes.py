@@ -23,8 +23,8 @@ What the supervisor adds:
   closes if the supervisor itself dies, so no API process outlives it.
 - If an API process fails, the others are drained and the supervisor exits with its code: the
   orchestrator restarts the whole set, as it would one process.
-- `admission.max_in_flight` bounds the sum over the processes (a count in shared memory); the
-  waiting bounds are divided between them. Prometheus runs in multi-process mode, so any
+- The admission bounds (in flight, waiting) are over all the processes: they share the counts in
+  shared memory (`AdmissionCounts.shared()`). Prometheus runs in multi-process mode, so any
   process's /metrics shows the sum over all of them.
 """
 
@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import math
 import os
 import signal
 import socket
@@ -43,7 +42,7 @@ from multiprocessing import connection
 from types import FrameType
 from typing import Any
 
-from server.admission import SharedInFlight
+from server.admission import AdmissionCounts
 from server.lifecycle import DrainingServer, run_server
 from server.settings import Settings
 
@@ -62,25 +61,7 @@ class _ApiProcessArgs:
 
     settings: Settings
     supervisor_alive: connection.Connection  # EOF: the engine core or the supervisor is gone
-    in_flight: SharedInFlight  # admission.max_in_flight bounds the sum over all API processes
-
-
-def share_of_admission(settings: Settings, count: int) -> Settings:
-    """Settings for one of `count` API processes: each may hold its share of the waiting requests.
-
-    `max_in_flight` is not divided: it bounds the in-flight count the processes share
-    (`SharedInFlight`). The waiting bounds are, rounded up (the total can exceed the configured
-    one by at most `count - 1`): waiting requests live in one process. Connections go to the
-    process with the fewest open connections, and requests per connection vary, so one process's
-    waiting share can be full (429) while another's has room."""
-    limits = settings.admission
-    share = limits.model_copy(
-        update={
-            "max_waiting": math.ceil(limits.max_waiting / count),
-            "max_waiting_prompt_tokens": math.ceil(limits.max_waiting_prompt_tokens / count),
-        }
-    )
-    return settings.model_copy(update={"admission": share})
+    admission_counts: AdmissionCounts  # shared by all API processes: the admission bounds are over their sum
 
 
 def serve_api_processes(settings: Settings) -> int:
@@ -126,7 +107,7 @@ def serve_api_processes(settings: Settings) -> int:
             manager = APIServerProcessManager(
                 listen_address=f"http://{host}:{port}",
                 sock=sock,
-                args=_ApiProcessArgs(share_of_admission(settings, count), alive_reader, SharedInFlight()),  # type: ignore[arg-type]
+                args=_ApiProcessArgs(settings, alive_reader, AdmissionCounts.shared()),  # type: ignore[arg-type]
                 num_servers=count,
                 input_listeners=zmq_listeners.inputs,
                 output_listeners=zmq_listeners.outputs,
@@ -263,12 +244,12 @@ def run_api_process(
         target=_watch_supervisor, args=(args.supervisor_alive, engine), name="supervisor-watch", daemon=True
     ).start()
     log.info("API process %d of %d (%s) starting", index, count, listen_address)
-    code = _serve_on_shared_socket(settings, engine, sock, peer_loads, args.in_flight)
+    code = _serve_on_shared_socket(settings, engine, sock, peer_loads, args.admission_counts)
     exit_now(code)
 
 
 def _serve_on_shared_socket(
-    settings: Settings, engine: Any, sock: socket.socket, peer_loads: Any, in_flight: SharedInFlight
+    settings: Settings, engine: Any, sock: socket.socket, peer_loads: Any, admission_counts: AdmissionCounts
 ) -> int:
     import uvicorn
     from vllm.entrypoints.launchers.launcher import NoSignalServer
@@ -284,7 +265,11 @@ def _serve_on_shared_socket(
             self.peer_loads = peer_loads
 
     return run_server(
-        settings, engine=engine, sockets=[sock], server_factory=SharedSocketServer, shared_in_flight=in_flight
+        settings,
+        engine=engine,
+        sockets=[sock],
+        server_factory=SharedSocketServer,
+        shared_admission_counts=admission_counts,
     )
 
 

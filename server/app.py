@@ -32,7 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.admission import (
     Admission,
-    SharedInFlight,
+    AdmissionCounts,
     estimate_chat_prompt_tokens,
     estimate_completion_prompt_tokens,
 )
@@ -89,7 +89,7 @@ class AppState:
         settings: Settings,
         engine: EngineClient,
         on_fatal: FatalHandler,
-        shared_in_flight: SharedInFlight | None = None,
+        shared_admission_counts: AdmissionCounts | None = None,
     ) -> None:
         self.settings = settings
         self.engine = engine
@@ -100,7 +100,7 @@ class AppState:
         self.chat = ChatService(settings, self.runner, self.images)
         self.completions = CompletionService(settings, self.runner)
         self.tokenization = TokenizationService(self.chat)
-        self.admission = Admission(settings.admission, self.metrics, shared_in_flight)
+        self.admission = Admission(settings.admission, self.metrics, shared_admission_counts)
         self.api_keys = ApiKeys(settings.auth)
         self.started_at = int(time.time())
         self.startup_error: str | None = None
@@ -156,11 +156,11 @@ def create_app(
     engine: EngineClient | None = None,
     start_engine: Callable[[], Awaitable[None]] | None = None,
     on_fatal: FatalHandler | None = None,
-    shared_in_flight: SharedInFlight | None = None,
+    shared_admission_counts: AdmissionCounts | None = None,
 ) -> FastAPI:
-    """`shared_in_flight`: in one of several API processes, the in-flight count they share."""
+    """`shared_admission_counts`: in one of several API processes, the admission counts they share."""
     engine = engine if engine is not None else _default_engine(settings)
-    state = AppState(settings, engine, on_fatal or _log_fatal, shared_in_flight)
+    state = AppState(settings, engine, on_fatal or _log_fatal, shared_admission_counts)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import uvicorn
 
 if TYPE_CHECKING:
-    from server.admission import SharedInFlight
+    from server.admission import AdmissionCounts
     from server.generation import EngineClient
     from server.settings import Settings
 
@@ -42,7 +42,7 @@ def run_server(
     engine: EngineClient | None = None,
     sockets: list[socket.socket] | None = None,
     server_factory: ServerFactory | None = None,
-    shared_in_flight: SharedInFlight | None = None,
+    shared_admission_counts: AdmissionCounts | None = None,
 ) -> int:
     """Serves the app until SIGTERM's drain ends or the engine fails; returns the exit code.
 
@@ -62,7 +62,7 @@ def run_server(
         if server is not None:
             server.should_exit = True
 
-    app = create_app(settings, engine=engine, on_fatal=on_fatal, shared_in_flight=shared_in_flight)
+    app = create_app(settings, engine=engine, on_fatal=on_fatal, shared_admission_counts=shared_admission_counts)
     state: AppState = app.state.gemma
     config = uvicorn.Config(
         app,

@@ -196,7 +196,7 @@ class ServerSettings(_Section):
         le=64,
         description="HTTP/API processes sharing one engine core (vLLM's multi-API-server model): each has "
         "its own event loop, image decoding, tokenizer and detokenizer, so front-end CPU work scales "
-        "with cores. admission.max_in_flight bounds their sum; the waiting bounds are split between them. "
+        "with cores. The admission bounds are over all of them. "
         "1: one process, engine in it.",
     )
 

@@ -422,9 +422,10 @@ async def test_two_api_processes_share_the_engine_and_the_metrics(
     before = metric(base, "gemma_server_requests_total", chat_200, KEY)
     cpu_before = [_cpu_seconds(p) for p in processes]
     # One connection per request, all at once: the least loaded process accepts each. The 10 slots
-    # in flight are shared by both processes and each may queue 3, so 12 at once are all served
-    # however the connections are spread (with per-process halves of 5, a 9/3 split gave a 429).
-    requests = 12
+    # in flight and the 6 waiting places are shared by both processes, so exactly the capacity at
+    # once is all served however the connections are spread (with per-process halves, a 9/3 split
+    # of 12 gave a 429).
+    requests = CAPACITY
     async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=requests)) as client:
 
         async def one(i: int) -> httpx.Response:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import pytest
 
-from server.admission import Admission, SharedInFlight, estimate_chat_prompt_tokens
+from server.admission import Admission, AdmissionCounts, estimate_chat_prompt_tokens
 from server.errors import ClientClosedRequestError, RateLimitError, ServiceUnavailableError
 from server.metrics import Metrics
 from server.protocol import ChatCompletionRequest
@@ -187,15 +188,25 @@ def test_prompt_estimate_counts_text_and_images() -> None:
     assert estimate_chat_prompt_tokens(request) == 1 + 330 // 3 + 260
 
 
-# ---- several API processes: one in-flight bound over all of them ----------------------------------------
+# ---- several API processes: the bounds are over all of them ----------------------------------------------
 
 
-def _siblings(max_in_flight: int) -> tuple[Admission, Admission, SharedInFlight]:
+def _siblings(max_in_flight: int, max_waiting: int = 4) -> tuple[Admission, Admission, AdmissionCounts]:
     """Two API processes' admissions on one shared count (in one process here: the count is shared
     memory either way; tests/unit/test_api_processes.py and the live suite run real processes)."""
-    shared = SharedInFlight()
-    settings = AdmissionSettings(max_in_flight=max_in_flight, max_waiting=4, max_waiting_prompt_tokens=1000)
+    shared = AdmissionCounts.shared()
+    settings = AdmissionSettings(
+        max_in_flight=max_in_flight, max_waiting=max_waiting, max_waiting_prompt_tokens=1000, retry_after_seconds=3
+    )
     return Admission(settings, Metrics(), shared), Admission(settings, Metrics(), shared), shared
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    for _ in range(200):
+        if condition():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("the condition did not hold within 1 s")
 
 
 async def test_max_in_flight_bounds_the_sum_over_api_processes() -> None:
@@ -205,11 +216,29 @@ async def test_max_in_flight_bounds_the_sum_over_api_processes() -> None:
     holders.append(asyncio.create_task(_hold(second, release)))
     queued = asyncio.create_task(_hold(second, release))
     await asyncio.sleep(0.02)
-    assert (first.in_flight, second.in_flight, shared.value) == (2, 1, 3)
-    assert second.waiting == 1  # room in its own share of 3 would have let it in: the sum is full
+    assert (first.in_flight, second.in_flight, shared.in_flight) == (2, 1, 3)
+    assert second.waiting == 1  # room in a process of its own would have let it in: the sum is full
     release.set()
     await asyncio.gather(*holders, queued)
-    assert (first.in_flight, second.in_flight, shared.value) == (0, 0, 0)
+    assert (first.in_flight, second.in_flight, shared.in_flight, shared.waiting) == (0, 0, 0, 0)
+
+
+async def test_max_waiting_bounds_the_sum_over_api_processes() -> None:
+    first, second, shared = _siblings(max_in_flight=1, max_waiting=2)
+    release = asyncio.Event()
+    tasks = [asyncio.create_task(_hold(first, release, tokens=10))]
+    tasks.append(asyncio.create_task(_hold(first, release, tokens=20)))
+    tasks.append(asyncio.create_task(_hold(second, release, tokens=30)))
+    await asyncio.sleep(0.02)
+    assert (first.waiting, second.waiting, shared.waiting, shared.waiting_tokens) == (1, 1, 2, 50)
+    for admission in (first, second):  # each process has room of its own, but the sum is full
+        with pytest.raises(RateLimitError) as refused:
+            async with admission.slot(10):
+                pass
+        assert refused.value.headers == {"Retry-After": "3"}
+    release.set()
+    await asyncio.gather(*tasks)
+    assert (shared.in_flight, shared.waiting, shared.waiting_tokens) == (0, 0, 0)
 
 
 async def test_a_slot_freed_in_one_process_reaches_a_request_waiting_in_another() -> None:
@@ -223,11 +252,28 @@ async def test_a_slot_freed_in_one_process_reaches_a_request_waiting_in_another(
     assert log == [] and second.waiting == 1
     release_first.set()  # the first process frees both slots; nothing happens in the second one
     await asyncio.gather(*holders)
-    for _ in range(100):
-        if log:
-            break
-        await asyncio.sleep(0.005)
-    assert log == ["in:7"] and second.in_flight == 1 and shared.value == 1
+    await _until(lambda: bool(log))
+    assert log == ["in:7"] and second.in_flight == 1 and shared.in_flight == 1
     release_second.set()
     await waiting
-    assert shared.value == 0
+    assert (shared.in_flight, shared.waiting) == (0, 0)
+
+
+async def test_a_new_request_does_not_overtake_one_waiting_in_another_process() -> None:
+    first, second, shared = _siblings(max_in_flight=1)
+    release_holder, release_rest = asyncio.Event(), asyncio.Event()
+    log: list[str] = []
+    holder = asyncio.create_task(_hold(first, release_holder, tokens=1, log=log))
+    await asyncio.sleep(0.01)
+    earlier = asyncio.create_task(_hold(second, release_rest, tokens=2, log=log))
+    await asyncio.sleep(0.01)
+    release_holder.set()
+    await holder  # a slot is free now, and a request waits for it in the second process
+    later = asyncio.create_task(_hold(first, release_rest, tokens=3, log=log))
+    await asyncio.sleep(0)  # the later request's own process has nobody waiting, and a free slot
+    assert first.waiting == 1, "it took the free slot ahead of the request waiting in the other process"
+    await _until(lambda: len(log) == 2)
+    assert log == ["in:1", "in:2"]
+    release_rest.set()
+    await asyncio.gather(earlier, later)
+    assert log == ["in:1", "in:2", "in:3"] and (shared.in_flight, shared.waiting) == (0, 0)

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from server.api_processes import ENGINE_DIED_EXIT_CODE, _Supervisor, share_of_admission
+from server.api_processes import ENGINE_DIED_EXIT_CODE, _Supervisor
 from tests.support.fake_engine import fake_settings
 
 SPAWN = multiprocessing.get_context("spawn")
@@ -127,13 +127,3 @@ def test_engine_core_death_closes_the_pipe_and_the_set_exits_4(pipe: Any) -> Non
     code = _supervisor(children).supervise([engine], writer)
     assert code == ENGINE_DIED_EXIT_CODE
     assert [child.exitcode for child in children] == [ENGINE_DIED_EXIT_CODE] * 2  # told through the pipe
-
-
-@pytest.mark.parametrize(("count", "waiting", "tokens"), [(1, 6, 1000), (2, 3, 500), (3, 2, 334), (4, 2, 250)])
-def test_waiting_bounds_are_shared_out_rounded_up_and_in_flight_is_not(count: int, waiting: int, tokens: int) -> None:
-    settings = fake_settings(admission={"max_in_flight": 10, "max_waiting": 6, "max_waiting_prompt_tokens": 1000})
-    share = share_of_admission(settings, count).admission
-    assert (share.max_waiting, share.max_waiting_prompt_tokens) == (waiting, tokens)
-    assert share.max_in_flight == 10  # bounds the sum, through SharedInFlight
-    assert share.retry_after_seconds == settings.admission.retry_after_seconds
-    assert settings.admission.max_waiting == 6  # the original is not changed
