@@ -167,7 +167,6 @@ class Admission:
         self._poller: asyncio.Task[None] | None = None
         self._in_flight = 0  # this process's own slots (the drain waits for them)
         self._waiting: deque[_Waiter] = deque()  # this process's own waiting requests, in order
-        self._waiting_tokens = 0
         self._draining = False
         self._idle = asyncio.Event()
         self._idle.set()
@@ -182,7 +181,7 @@ class Admission:
 
     @property
     def waiting_tokens(self) -> int:
-        return self._waiting_tokens
+        return sum(waiter.tokens for waiter in self._waiting)
 
     @property
     def draining(self) -> bool:
@@ -227,7 +226,6 @@ class Admission:
             )
         waiter = _Waiter(tokens, asyncio.get_running_loop().create_future())
         self._waiting.append(waiter)
-        self._waiting_tokens += tokens
         self._publish_waiting()
         if self._counts_are_shared and self._poller is None:
             self._poller = asyncio.create_task(self._poll_for_free_slots())
@@ -282,7 +280,6 @@ class Admission:
 
     def _dequeue(self, waiter: _Waiter) -> None:
         self._waiting.remove(waiter)  # the first one, except when a client gave up
-        self._waiting_tokens -= waiter.tokens
         self._counts.leave_queue(waiter.tokens)
 
     def _publish_waiting(self) -> None:

@@ -48,7 +48,7 @@ def run_server(
 
     Without arguments: one process, listening on `server.host:server.port`, the engine in it. An API
     process of `server.api_processes` passes its engine client, the shared listening socket, a
-    server class that accepts from it and the in-flight count shared with its siblings
+    server class that accepts from it and the admission counts shared with its siblings
     (`server/api_processes.py`)."""
     from server.app import AppState, create_app, drain
 
