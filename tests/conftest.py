@@ -1,9 +1,16 @@
 """Shared fixtures: the tiny checkpoint, an image host, and one live server for the whole session.
 
 Tests that stop or break a server use `sacrificial` servers of their own: started in the background
-one at a time (each engine takes several GB), the first once the offline oracle has exited. Tests
+one at a time, the first once the offline oracle has exited and vLLM's server is stopped. Tests
 marked `late(n)` run after all the others, in the order of n, so the sacrificial servers start
 while the ordinary tests run.
+
+Memory is the constraint: one server on the tiny model holds about 7 GB (API process 2.6, engine
+core 1.6, worker 2.3), and the machine has 24 GB and no swap. With three at once the kernel evicted
+the code pages every process runs from, and the test process stalled for minutes (a drain test's
+streams finished before it could send SIGTERM). So servers are stopped after the last test that
+uses them (`after_last_use`), and no more than two run at once after start-up. The memory-pressure
+stall of the whole run (Linux PSI) is printed with the measured figures.
 
 A skipped test is a test that did not pass: the session fails if anything was skipped.
 """
@@ -31,6 +38,24 @@ SERVED_MODEL = "tiny-gemma3"
 # Settings of the shared live server that differ from config/tiny.yaml, also given to the offline
 # oracle so both build prompts alike: detail high/auto run Gemma 3's pan-and-scan.
 LIVE_SERVER_SETTINGS_ENV = {"GEMMA_SERVER_IMAGES__PAN_AND_SCAN": "true"}
+
+
+_AFTER_LAST_USE: dict[str, list[Callable[[], object]]] = {}
+
+
+def after_last_use(fixture: str, action: Callable[[], object]) -> None:
+    """Runs `action` once no remaining test of the session uses `fixture` (directly or not)."""
+    _AFTER_LAST_USE.setdefault(fixture, []).append(action)
+
+
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    if not _AFTER_LAST_USE:
+        return
+    remaining = item.session.items[item.session.items.index(item) + 1 :]
+    for fixture in list(_AFTER_LAST_USE):
+        if not any(fixture in getattr(later, "fixturenames", ()) for later in remaining):
+            for action in _AFTER_LAST_USE.pop(fixture):
+                action()
 
 
 @pytest.fixture(scope="session")
@@ -99,6 +124,7 @@ def _selected(request: pytest.FixtureRequest, fixture: str) -> bool:
 def vllm_peer_process(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmPeer]:
     """vLLM's own OpenAI server on the tiny model, started early so it overlaps the server's start."""
     peer = VllmPeer(tiny_model_dir, SERVED_MODEL, tmp_path_factory.mktemp("vllm-peer") / "peer.log").start()
+    after_last_use("vllm_peer", peer.stop)
     yield peer
     peer.stop()
 
@@ -134,6 +160,7 @@ def live_server(
         **LIVE_SERVER_SETTINGS_ENV,
     }
     server = LiveServer(log_path, env).start()
+    after_last_use("live_server", server.stop)
     try:
         server.wait_ready()
         print(f"\nlive server ready in {server.ready_after:.1f} s (log: {log_path})")
@@ -219,7 +246,10 @@ def sacrificial(
     wanted = {name for name in ("drain", "engine_death") if _selected(request, f"{name}_server")}
     servers = SacrificialServers(tmp_path_factory.mktemp("sacrificial"), image_host, wanted)
     oracle = request.getfixturevalue("offline_oracle_process")[0] if _selected(request, "oracle_results") else None
-    servers.launch("drain", after=oracle)  # once the oracle's engine is gone
+    if _selected(request, "vllm_peer"):  # once the oracle's engine and vLLM's server are gone
+        after_last_use("vllm_peer", lambda: servers.launch("drain", after=oracle))
+    else:
+        servers.launch("drain", after=oracle)
     yield servers
     servers.stop_all()
 
@@ -234,7 +264,27 @@ def report() -> Callable[[str], None]:
     return _FIGURES.append
 
 
+def _memory_stall_seconds() -> dict[str, float]:
+    """Since boot, the seconds in which some / all tasks waited on memory (Linux PSI); {} elsewhere."""
+    try:
+        lines = Path("/proc/pressure/memory").read_text().splitlines()
+    except OSError:
+        return {}
+    return {line.split()[0]: int(line.rsplit("total=", 1)[1]) / 1e6 for line in lines}
+
+
+_STALLS_AT_START: dict[str, float] = {}
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    _STALLS_AT_START.update(_memory_stall_seconds())
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
+    stalls = _memory_stall_seconds()
+    if stalls and _STALLS_AT_START:
+        some, full = (stalls[kind] - _STALLS_AT_START[kind] for kind in ("some", "full"))
+        _FIGURES.append(f"memory pressure over the run (Linux PSI): some tasks stalled {some:.1f} s, all {full:.1f} s")
     if _FIGURES:
         terminalreporter.section("measured figures")
         for line in _FIGURES:
