@@ -17,8 +17,10 @@ A skipped test is a test that did not pass: the session fails if anything was sk
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -157,6 +159,10 @@ def live_server(
     env = {
         "GEMMA_SERVER_IMAGES__PRIVATE_NETWORK_ALLOWLIST": f'["127.0.0.1:{image_host.port}"]',
         "GEMMA_SERVER_SERVER__LOG_LEVEL": "info",
+        # 60 s, not 10: the soak's 500 URL images must not fail when this machine stalls (see below).
+        "GEMMA_SERVER_IMAGES__FETCH_TIMEOUT_SECONDS": "60",
+        "GEMMA_SERVER_IMAGES__FETCH_CONNECT_TIMEOUT_SECONDS": "30",
+        "GEMMA_SERVER_IMAGES__FETCH_READ_TIMEOUT_SECONDS": "30",
         **LIVE_SERVER_SETTINGS_ENV,
     }
     server = LiveServer(log_path, env).start()
@@ -177,7 +183,7 @@ FAULT_KEY_FILE = "sk-fault-file-abcdefghij"
 FAULT_ORIGIN = "https://app.example"
 FAULT_CAPACITY = {"max_in_flight": 10, "max_waiting": 6}
 FAULT_DRAIN_SECONDS = 20
-FAULT_MAX_MODEL_LEN = 32768
+FAULT_MAX_MODEL_LEN = 131072  # Gemma 3's full context: "long" requests last over ten minutes
 # The engine-death server runs two API processes: engine death is the supervisor's hardest case.
 SACRIFICIAL_SERVER_ENV = {"engine_death": {"GEMMA_SERVER_SERVER__API_PROCESSES": "2"}}
 
@@ -202,7 +208,8 @@ class SacrificialServers:
             "GEMMA_SERVER_AUTH__CORS_ALLOW_ORIGINS": json.dumps([FAULT_ORIGIN]),
             "GEMMA_SERVER_SERVER__DRAIN_TIMEOUT_SECONDS": str(FAULT_DRAIN_SECONDS),
             "GEMMA_SERVER_ENGINE__KV_CACHE_MEMORY_BYTES": str(64 * 2**20),  # ~377k tokens of the tiny model
-            # Room for requests that outlast the drain window: the tiny model makes ~150 tokens/s.
+            # Room for requests that outlast the drain window (and a stalled test client): the tiny
+            # model makes ~150-300 tokens/s per stream.
             "GEMMA_SERVER_ENGINE__MAX_MODEL_LEN": str(FAULT_MAX_MODEL_LEN),
             # Image fetches held open by the image host's /gate keep admission slots busy.
             "GEMMA_SERVER_IMAGES__FETCH_TIMEOUT_SECONDS": "120",
@@ -273,11 +280,28 @@ def _memory_stall_seconds() -> dict[str, float]:
     return {line.split()[0]: int(line.rsplit("total=", 1)[1]) / 1e6 for line in lines}
 
 
+def _kernel_cpu_stalls(since_boot_seconds: float) -> list[str]:
+    """The kernel's reports of stalled CPUs (workqueue or soft lockups, RCU stalls) logged since then."""
+    try:
+        log = subprocess.run(["dmesg"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    reports = []
+    for line in log.splitlines():
+        stamped = re.match(r"\[\s*(\d+\.\d+)\]\s*(.*)", line)
+        if stamped and float(stamped[1]) >= since_boot_seconds and re.search(r"lockup|rcu.*stall", stamped[2], re.I):
+            reports.append(stamped[2])
+    return reports
+
+
 _STALLS_AT_START: dict[str, float] = {}
+_SESSION_START_SINCE_BOOT: list[float] = []
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     _STALLS_AT_START.update(_memory_stall_seconds())
+    with contextlib.suppress(OSError):
+        _SESSION_START_SINCE_BOOT.append(float(Path("/proc/uptime").read_text().split()[0]))
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
@@ -285,6 +309,12 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     if stalls and _STALLS_AT_START:
         some, full = (stalls[kind] - _STALLS_AT_START[kind] for kind in ("some", "full"))
         _FIGURES.append(f"memory pressure over the run (Linux PSI): some tasks stalled {some:.1f} s, all {full:.1f} s")
+    if _SESSION_START_SINCE_BOOT:
+        # This machine (a VM) has frozen CPUs for 30-120 s under load: the kernel logs "workqueue
+        # lockup"; a timing failure next to such reports is the machine's, the report says which.
+        reports = _kernel_cpu_stalls(_SESSION_START_SINCE_BOOT[0])
+        listed = "".join(f"\n  {report}" for report in reports)
+        _FIGURES.append(f"kernel CPU stall reports during the run: {len(reports)}{listed}")
     if _FIGURES:
         terminalreporter.section("measured figures")
         for line in _FIGURES:
