@@ -6,11 +6,11 @@ marked `late(n)` run after all the others, in the order of n, so the sacrificial
 while the ordinary tests run.
 
 Memory is the constraint: one server on the tiny model holds about 7 GB (API process 2.6, engine
-core 1.6, worker 2.3), and the machine has 24 GB and no swap. With three at once the kernel evicted
-the code pages every process runs from, and the test process stalled for minutes (a drain test's
-streams finished before it could send SIGTERM). So servers are stopped after the last test that
-uses them (`after_last_use`), and no more than two run at once after start-up. The memory-pressure
-stall of the whole run (Linux PSI) is printed with the measured figures.
+core 1.6, worker 2.3), and the machine has 24 GB and no swap; three at once left little room. So
+servers are stopped after the last test that uses them (`after_last_use`), and no more than two run
+at once after start-up. The run's memory-pressure stall (Linux PSI) is printed with the measured
+figures, and so are the kernel's reports of CPUs frozen for 30 s or more, which this machine (a VM)
+has under sustained load: timing assertions leave room for such stalls.
 
 A skipped test is a test that did not pass: the session fails if anything was skipped.
 """
@@ -207,7 +207,7 @@ class SacrificialServers:
             "GEMMA_SERVER_AUTH__API_KEYS_FILE": str(key_file),
             "GEMMA_SERVER_AUTH__CORS_ALLOW_ORIGINS": json.dumps([FAULT_ORIGIN]),
             "GEMMA_SERVER_SERVER__DRAIN_TIMEOUT_SECONDS": str(FAULT_DRAIN_SECONDS),
-            "GEMMA_SERVER_ENGINE__KV_CACHE_MEMORY_BYTES": str(64 * 2**20),  # ~377k tokens of the tiny model
+            "GEMMA_SERVER_ENGINE__KV_CACHE_MEMORY_BYTES": str(64 * 2**20),  # ~477k tokens of the tiny model
             # Room for requests that outlast the drain window (and a stalled test client): the tiny
             # model makes ~150-300 tokens/s per stream.
             "GEMMA_SERVER_ENGINE__MAX_MODEL_LEN": str(FAULT_MAX_MODEL_LEN),
