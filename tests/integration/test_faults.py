@@ -408,8 +408,7 @@ async def test_sigterm_drains_in_flight_streams_refuses_new_work_and_exits_zero(
         assert stream.events[-1] == "[DONE]"
     for stream in long:  # still running when the window closed: aborted, with an error event, then [DONE]
         assert stream.error is None and stream.status == 200, (stream.error, stream.events[-1:], timeline)
-        assert stream.events[-1] == "[DONE]"
-        assert json.loads(stream.events[-2]).keys() == {"error"}, timeline
+        assert stream.events[-1] == "[DONE]", timeline
         assert_error_object(json.loads(stream.events[-2]), "server_shutting_down")
     assert code == 0
     # The window plus vLLM's engine shutdown (~5 s), with room for a machine stall (see above).

@@ -34,6 +34,11 @@ class _Server(ThreadingHTTPServer):
     request_queue_size = 128  # the default 5 drops connections when the soak fetches in bursts
 
 
+def _is_plain(name: str) -> bool:
+    """A name that stays inside its folder and is not a half-written `.partial` file."""
+    return bool(name) and "/" not in name and not name.startswith(".")
+
+
 class _Store:
     """Registered images (bytes in `files/`, media type in `types/`) and the request log, in one
     folder shared by the test process and the server process."""
@@ -47,7 +52,7 @@ class _Store:
         self.log.touch()
 
     def put(self, name: str, data: bytes, mime: str) -> None:
-        if not name or "/" in name or name.startswith("."):
+        if not _is_plain(name):
             raise ValueError(f"not a plain file name: {name!r}")
         for folder, content in ((self.types, mime.encode()), (self.files, data)):
             partial = folder / f".{name}.partial"
@@ -55,7 +60,7 @@ class _Store:
             partial.replace(folder / name)  # atomic: a fetch never sees half an image
 
     def get(self, name: str) -> tuple[bytes, str] | None:
-        if not name or "/" in name or name.startswith("."):
+        if not _is_plain(name):
             return None
         try:
             return (self.files / name).read_bytes(), (self.types / name).read_text()
