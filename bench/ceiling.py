@@ -112,7 +112,7 @@ async def run(spec: dict[str, Any], out_path: Path) -> None:
     milestones: dict[str, float] = {}
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    from server.engine import engine_args_from_settings
+    from server.engine.vllm_engine import engine_args_from_settings
     from server.settings import load_settings
 
     milestones["imports done"] = time.monotonic() - started

@@ -3,7 +3,7 @@ Gemma 3 processor, as vLLM runs it, in this single process with one torch thread
 
 Steps, timed separately (CPU seconds of this process, so that other tenants of the machine do not
 distort a per-core figure; wall time is reported too):
-- decode: `server.media.decode_data_uri` + `decode_image` (base64, PIL decode, EXIF, RGB), as the
+- decode: `server.media.images.decode_data_uri` + `decode_image` (base64, PIL decode, EXIF, RGB), as the
   server does for a data URI;
 - hash: vLLM's content hash of the decoded image (blake3 over the pixels), which vLLM computes for
   its processed-image cache on every request;
@@ -72,7 +72,7 @@ def _set_up(model_dir: str) -> tuple[bytes, str, Any, str]:
 def measure(model_dir: str, seconds: float) -> dict[str, Any]:
     from vllm.multimodal.hasher import MultiModalHasher
 
-    from server.media import decode_data_uri, decode_image
+    from server.media.images import decode_data_uri, decode_image
 
     jpeg, uri, processor, prompt = _set_up(model_dir)
     image = decode_image(decode_data_uri(uri, 1 << 26, "p"), 50_000_000, "p")
@@ -105,7 +105,7 @@ def _pipeline(model_dir: str) -> Callable[[], Any]:
     """decode + vLLM's hash + the Gemma 3 processor at 896x896, for one 1920x1080 JPEG data URI."""
     from vllm.multimodal.hasher import MultiModalHasher
 
-    from server.media import decode_data_uri, decode_image
+    from server.media.images import decode_data_uri, decode_image
 
     _, uri, processor, prompt = _set_up(model_dir)
     size = {"height": GEMMA_4B_IMAGE_SIZE, "width": GEMMA_4B_IMAGE_SIZE}
@@ -166,8 +166,8 @@ def measure_vllm_path(config_path: str, per_mode: int) -> dict[str, Any]:
     import torch
     from vllm.renderers import renderer_from_config
 
-    from server.engine import engine_args_from_settings
-    from server.media import decode_image
+    from server.engine.vllm_engine import engine_args_from_settings
+    from server.media.images import decode_image
     from server.settings import load_settings
 
     torch.set_num_threads(1)

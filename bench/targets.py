@@ -37,7 +37,7 @@ OURS_MILESTONES = [
     ("imports done, app created", r"server: serving .* on http|starting the engine core and \d+ API processes"),
     ("uvicorn listening", r"Uvicorn running on"),
     *VLLM_MILESTONES,
-    ("engine ready (AsyncLLM built)", r"server.engine: engine ready in"),
+    ("engine ready (AsyncLLM built)", r"server.engine.vllm_engine: engine ready in"),
     ("self-test passed", r"self-test passed in"),
 ]
 PEER_MILESTONES = [

@@ -30,15 +30,11 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.admission import (
-    Admission,
-    AdmissionCounts,
-    estimate_chat_prompt_tokens,
-    estimate_completion_prompt_tokens,
-)
-from server.auth import ApiKeys, AuthMiddleware, OpenAICORSMiddleware, cors_options, public_paths
 from server.chat import ChatService
 from server.completions import CompletionService
+from server.edge.auth import ApiKeys, AuthMiddleware, OpenAICORSMiddleware, cors_options, public_paths
+from server.edge.limits import RequestLimitsMiddleware
+from server.engine.interface import EngineClient
 from server.errors import (
     APIError,
     BadRequestError,
@@ -46,11 +42,17 @@ from server.errors import (
     NotFoundError,
     ServiceUnavailableError,
 )
-from server.generation import EngineClient
-from server.limits import RequestLimitsMiddleware
-from server.media import ImageLoader
+from server.media.images import ImageLoader
 from server.metrics import CONTENT_TYPE, Metrics
-from server.protocol import (
+from server.pipeline.admission import (
+    Admission,
+    AdmissionCounts,
+    estimate_chat_prompt_tokens,
+    estimate_completion_prompt_tokens,
+)
+from server.pipeline.runner import EngineRunner
+from server.protocols.openai.validation import validation_error_to_api_error
+from server.protocols.openai.wire import (
     ChatCompletion,
     ChatCompletionRequest,
     Completion,
@@ -63,11 +65,9 @@ from server.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from server.runner import EngineRunner
 from server.selftest import run_self_test
 from server.settings import Settings
 from server.tokenization import TokenizationService
-from server.validation import validation_error_to_api_error
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ async def drain(state: AppState) -> None:
 
 
 def _default_engine(settings: Settings) -> EngineClient:
-    from server.engine import VllmEngine  # imported here: vLLM takes seconds to import
+    from server.engine.vllm_engine import VllmEngine  # imported here: vLLM takes seconds to import
 
     return VllmEngine(settings)
 

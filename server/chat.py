@@ -29,12 +29,16 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 from PIL.Image import Image
 
+from server.engine.interface import EngineClient, EnginePrompt, PreparedPrompt, SamplingOptions
 from server.errors import APIError, BadRequestError, ModelNotFoundError, sse_error_event
-from server.generation import EngineClient, EnginePrompt, PreparedPrompt, SamplingOptions
-from server.media import ImageLoader
-from server.normalize import NORMALIZED_HEADER, ChatMessage
-from server.prompt import Conversation, conversation_for_template, render_prompt
-from server.protocol import ChatCompletionRequest
+from server.media.images import ImageLoader
+from server.pipeline.normalize import NORMALIZED_HEADER, ChatMessage
+from server.pipeline.prompt import Conversation, conversation_for_template, render_prompt
+from server.pipeline.runner import EngineRunner, Steps, cancel_on_disconnect
+from server.pipeline.sampling import max_tokens_for, sampling_options
+from server.pipeline.tools import ToolCallExtractor, ToolPlan, plan_for_request
+from server.protocols.openai.validation import check_request_fields
+from server.protocols.openai.wire import ChatCompletionRequest
 from server.responses import (
     SSE_DONE,
     ChatChoiceResult,
@@ -43,11 +47,7 @@ from server.responses import (
     chat_completion_body,
     logprobs_content,
 )
-from server.runner import EngineRunner, Steps, cancel_on_disconnect
-from server.sampling import max_tokens_for, sampling_options
 from server.settings import Settings
-from server.tools import ToolCallExtractor, ToolPlan, plan_for_request
-from server.validation import check_request_fields
 
 log = logging.getLogger(__name__)
 

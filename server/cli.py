@@ -62,7 +62,7 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     configure_logging(settings.server.log_level, settings.server.log_format)
     if settings.server.api_processes > 1:
-        from server.api_processes import serve_api_processes
+        from server.engine.api_processes import serve_api_processes
 
         return serve_api_processes(settings)
     return run_server(settings)

@@ -20,9 +20,12 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
 from server.chat import SSE_HEADERS, check_model
+from server.engine.interface import EnginePrompt, EngineStep, PreparedPrompt, SamplingOptions, TokenLogprob
 from server.errors import APIError, BadRequestError, sse_error_event
-from server.generation import EnginePrompt, EngineStep, PreparedPrompt, SamplingOptions, TokenLogprob
-from server.protocol import CompletionRequest
+from server.pipeline.runner import EngineRunner, Steps, cancel_on_disconnect, merge, start_all
+from server.pipeline.sampling import check_token_ids, max_tokens_for, sampling_options
+from server.protocols.openai.validation import check_request_fields
+from server.protocols.openai.wire import CompletionRequest
 from server.responses import (
     SSE_DONE,
     CompletionChoiceResult,
@@ -31,10 +34,7 @@ from server.responses import (
     completion_body,
     completion_logprobs,
 )
-from server.runner import EngineRunner, Steps, cancel_on_disconnect, merge, start_all
-from server.sampling import check_token_ids, max_tokens_for, sampling_options
 from server.settings import Settings
-from server.validation import check_request_fields
 
 log = logging.getLogger(__name__)
 

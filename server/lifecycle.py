@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any
 import uvicorn
 
 if TYPE_CHECKING:
-    from server.admission import AdmissionCounts
-    from server.generation import EngineClient
+    from server.engine.interface import EngineClient
+    from server.pipeline.admission import AdmissionCounts
     from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ class DrainingServer(uvicorn.Server):
 def http_protocol(max_header_bytes: int, max_header_count: int) -> Any:
     """httptools with a bounded request head; h11 (bounded by its own option) without httptools."""
     try:
-        from server.limits import header_limited_httptools_protocol
+        from server.edge.limits import header_limited_httptools_protocol
 
         return header_limited_httptools_protocol(max_header_bytes, max_header_count)
     except ImportError:

@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from server.generation import TokenLogprob
+from server.engine.interface import TokenLogprob
 
 SSE_DONE = b"data: [DONE]\n\n"
 

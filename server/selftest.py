@@ -16,7 +16,7 @@ import orjson
 from PIL import Image, ImageDraw
 
 from server.chat import ChatService
-from server.protocol import ChatCompletionRequest
+from server.protocols.openai.wire import ChatCompletionRequest
 
 log = logging.getLogger(__name__)
 

@@ -16,10 +16,10 @@ from fastapi.responses import Response
 
 from server.chat import ChatService, check_model, normalization_headers
 from server.errors import BadRequestError
-from server.protocol import DetokenizeRequest, TokenizeRequest
-from server.sampling import check_token_ids
-from server.tools import plan_tools
-from server.validation import check_request_fields
+from server.pipeline.sampling import check_token_ids
+from server.pipeline.tools import plan_tools
+from server.protocols.openai.validation import check_request_fields
+from server.protocols.openai.wire import DetokenizeRequest, TokenizeRequest
 
 
 class TokenizationService:

@@ -1,4 +1,4 @@
-"""In-process stand-ins for `server.generation.EngineClient`, for fast tests of one layer.
+"""In-process stand-ins for `server.engine.interface.EngineClient`, for fast tests of one layer.
 
 - `ScriptedEngine`: the real tokenizer of the tiny checkpoint, so prompts are real; `reply(prompt_text,
   options)` gives the text each choice "generates", streamed token by token when the request streams.
@@ -24,8 +24,8 @@ from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
 
 from server.app import create_app
+from server.engine.interface import ChoiceDelta, EnginePrompt, EngineStep, PreparedPrompt, SamplingOptions, TokenLogprob
 from server.errors import EngineError, ServiceUnavailableError
-from server.generation import ChoiceDelta, EnginePrompt, EngineStep, PreparedPrompt, SamplingOptions, TokenLogprob
 from server.settings import Settings
 
 Reply = Callable[[str, SamplingOptions], str]

@@ -15,7 +15,7 @@ import time
 def main(out_path: str) -> None:
     from vllm import LLM, SamplingParams
 
-    from server.engine import engine_args_from_settings
+    from server.engine.vllm_engine import engine_args_from_settings
     from server.settings import load_settings
     from tests.integration.oracle_cases import CASES
     from tests.support.live_server import TINY_CONFIG

@@ -7,10 +7,10 @@ from collections.abc import Callable
 
 import pytest
 
-from server.admission import Admission, AdmissionCounts, estimate_chat_prompt_tokens
 from server.errors import ClientClosedRequestError, RateLimitError, ServiceUnavailableError
 from server.metrics import Metrics
-from server.protocol import ChatCompletionRequest
+from server.pipeline.admission import Admission, AdmissionCounts, estimate_chat_prompt_tokens
+from server.protocols.openai.wire import ChatCompletionRequest
 from server.settings import AdmissionSettings
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from server.api_processes import ENGINE_DIED_EXIT_CODE, _Supervisor
+from server.engine.api_processes import ENGINE_DIED_EXIT_CODE, _Supervisor
 from tests.support.fake_engine import fake_settings
 
 SPAWN = multiprocessing.get_context("spawn")

@@ -5,8 +5,8 @@ import pytest
 from pydantic import ValidationError
 
 from server.errors import BadRequestError, RateLimitError, sanitize_message, sse_error_event
-from server.protocol import ChatCompletionRequest
-from server.validation import validation_error_to_api_error
+from server.protocols.openai.validation import validation_error_to_api_error
+from server.protocols.openai.wire import ChatCompletionRequest
 
 
 def test_error_body_has_openai_shape() -> None:

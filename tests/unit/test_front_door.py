@@ -15,7 +15,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
-import server.auth as auth
+import server.edge.auth as auth
 from server.app import drain
 from server.settings import load_settings
 from tests.support.checks import assert_openai_error, assert_stream_ends_with_error_then_done, sse_events

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from server.errors import BadRequestError
-from server.media import decode_data_uri, decode_image
+from server.media.images import decode_data_uri, decode_image
 from tests.support.images import encode, make_image
 
 MAX_PIXELS = 50_000_000
@@ -176,7 +176,7 @@ def test_a_jpeg_named_png_is_decoded_by_its_magic() -> None:
 
 
 def test_data_uri_size_is_checked_before_base64_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
-    import server.media as media
+    import server.media.images as media
 
     calls: list[int] = []
     monkeypatch.setattr(media.base64, "b64decode", lambda *a, **k: calls.append(1))

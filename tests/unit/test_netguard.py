@@ -12,8 +12,8 @@ import httpcore
 import pytest
 
 from server.errors import BadRequestError
-from server.media import ImageLoader
-from server.netguard import (
+from server.media.images import ImageLoader
+from server.media.netguard import (
     Address,
     DestinationPolicy,
     ForbiddenDestination,
@@ -258,7 +258,7 @@ async def test_decoding_runs_off_the_event_loop_and_is_bounded(
     image_host: ImageHost, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Base64 and image decoding run in worker threads, at most `max_concurrent_decodes` at once."""
-    import server.media as media
+    import server.media.images as media
 
     png = encode(make_image(1500, 1000), "PNG")
     url = image_host.add("netguard-big.png", png)

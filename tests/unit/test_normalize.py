@@ -10,9 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from server.errors import BadRequestError
-from server.normalize import normalize
-from server.prompt import render_prompt
-from server.protocol import ChatCompletionRequest
+from server.pipeline.normalize import normalize
+from server.pipeline.prompt import render_prompt
+from server.protocols.openai.wire import ChatCompletionRequest
 
 
 @pytest.fixture(scope="module")

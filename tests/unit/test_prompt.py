@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from server.errors import BadRequestError
-from server.prompt import conversation_for_template, render_prompt
-from server.protocol import ChatCompletionRequest
+from server.pipeline.prompt import conversation_for_template, render_prompt
+from server.protocols.openai.wire import ChatCompletionRequest
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
+from server.engine.interface import ChoiceDelta, EngineStep, PreparedPrompt, SamplingOptions
 from server.errors import BadRequestError, ClientClosedRequestError
-from server.generation import ChoiceDelta, EngineStep, PreparedPrompt, SamplingOptions
 from server.metrics import Metrics
-from server.runner import EngineRunner, cancel_on_disconnect, merge, start_all
+from server.pipeline.runner import EngineRunner, cancel_on_disconnect, merge, start_all
 
 
 class ScriptedEngine:

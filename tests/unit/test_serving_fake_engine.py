@@ -17,7 +17,7 @@ import pytest
 from asgi_lifespan import LifespanManager
 
 from server.app import create_app
-from server.generation import SamplingOptions
+from server.engine.interface import SamplingOptions
 from server.settings import Settings
 from tests.support.fake_engine import ScriptedEngine
 

@@ -10,9 +10,9 @@ import jinja2.exceptions
 import pytest
 
 from server.errors import BadRequestError
-from server.prompt import conversation_for_template, render_prompt
-from server.protocol import ChatCompletionRequest
-from server.validation import check_request_fields
+from server.pipeline.prompt import conversation_for_template, render_prompt
+from server.protocols.openai.validation import check_request_fields
+from server.protocols.openai.wire import ChatCompletionRequest
 
 
 @pytest.fixture(scope="module")

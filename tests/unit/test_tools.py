@@ -14,8 +14,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from server.protocol import NamedToolChoice, Tool
-from server.tools import ToolCallExtractor, call_schema, parse_tool_calls, plan_tools
+from server.pipeline.tools import ToolCallExtractor, call_schema, parse_tool_calls, plan_tools
+from server.protocols.openai.wire import NamedToolChoice, Tool
 
 WEATHER = Tool.model_validate(
     {

@@ -33,7 +33,7 @@ from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.errors import AuthenticationError, BadRequestError
-from server.normalize import NORMALIZED_HEADER
+from server.pipeline.normalize import NORMALIZED_HEADER
 from server.settings import AuthSettings
 
 log = logging.getLogger(__name__)

@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from server.errors import BadRequestError
-from server.protocol import AssistantMessage, ImagePart, SystemMessage, TextPart, ToolMessage, UserMessage
-from server.tools import render_tool_calls, render_tool_result
+from server.pipeline.tools import render_tool_calls, render_tool_result
+from server.protocols.openai.wire import AssistantMessage, ImagePart, SystemMessage, TextPart, ToolMessage, UserMessage
 
 NORMALIZED_HEADER = "X-Gemma-Normalized"
 

@@ -32,7 +32,7 @@ import httpx
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from server.errors import BadRequestError
-from server.netguard import (
+from server.media.netguard import (
     DestinationPolicy,
     ForbiddenDestination,
     GuardedNetworkBackend,

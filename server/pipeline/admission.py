@@ -46,8 +46,8 @@ from starlette.types import Receive, Scope, Send
 
 from server.errors import ClientClosedRequestError, RateLimitError, ServiceUnavailableError
 from server.metrics import Metrics
-from server.protocol import ChatCompletionRequest, CompletionRequest, ImagePart, TextPart
-from server.runner import wait_for_disconnect
+from server.pipeline.runner import wait_for_disconnect
+from server.protocols.openai.wire import ChatCompletionRequest, CompletionRequest, ImagePart, TextPart
 from server.settings import AdmissionSettings
 
 # Until the prompt is built, its size is estimated: about 3 characters per token (an over-estimate

@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from server.errors import BadRequestError
-from server.protocol import IGNORED_OPENAI_FIELDS, REFUSED_OPENAI_FIELDS
+from server.protocols.openai.wire import IGNORED_OPENAI_FIELDS, REFUSED_OPENAI_FIELDS
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from typing import Any
 import jinja2
 
 from server.errors import BadRequestError
-from server.normalize import ChatMessage, Conversation, ImageRef, normalize
+from server.pipeline.normalize import ChatMessage, Conversation, ImageRef, normalize
 
 __all__ = ["Conversation", "ImageRef", "conversation_for_template", "render_prompt"]
 

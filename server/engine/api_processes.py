@@ -42,8 +42,8 @@ from multiprocessing import connection
 from types import FrameType
 from typing import Any
 
-from server.admission import AdmissionCounts
 from server.lifecycle import DrainingServer, run_server
+from server.pipeline.admission import AdmissionCounts
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ def serve_api_processes(settings: Settings) -> int:
     from vllm.v1.metrics.prometheus import setup_multiprocess_prometheus
     from vllm.v1.utils import APIServerProcessManager
 
-    from server.engine import engine_args_from_settings
+    from server.engine.vllm_engine import engine_args_from_settings
 
     count = settings.server.api_processes
     if settings.model.build_tiny_if_missing:  # the engine core reads the checkpoint's config at launch
@@ -231,7 +231,7 @@ def run_api_process(
     from vllm.utils.system_utils import set_process_title
 
     from server.cli import exit_now
-    from server.engine import VllmEngine
+    from server.engine.vllm_engine import VllmEngine
     from server.logging_setup import configure_logging
 
     settings = args.settings

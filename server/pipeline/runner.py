@@ -20,8 +20,8 @@ from typing import Any, TypeVar
 
 from fastapi import Request
 
+from server.engine.interface import EngineClient, EnginePrompt, EngineStep, PreparedPrompt, SamplingOptions
 from server.errors import ClientClosedRequestError
-from server.generation import EngineClient, EnginePrompt, EngineStep, PreparedPrompt, SamplingOptions
 from server.metrics import Metrics
 
 T = TypeVar("T")

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from server.engine.interface import SamplingOptions
 from server.errors import BadRequestError, ContextLengthExceededError
-from server.generation import SamplingOptions
-from server.protocol import _GenerationRequest
+from server.protocols.openai.wire import _GenerationRequest
 
 GREEDY_TEMPERATURE = 1e-5  # vLLM decodes greedily below this and then refuses n > 1
 

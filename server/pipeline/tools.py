@@ -31,7 +31,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from server.protocol import ChatCompletionRequest, FunctionDefinition, NamedToolChoice, Tool, ToolCall
+from server.protocols.openai.wire import ChatCompletionRequest, FunctionDefinition, NamedToolChoice, Tool, ToolCall
 
 MAX_PARALLEL_CALLS = 16
 _FENCE = re.compile(r"```[ \t]*(?:json|tool_code|tool_call|python|py)?[ \t]*\n?(.*?)```", re.DOTALL)

@@ -30,8 +30,7 @@ from vllm.usage.usage_lib import UsageContext
 from vllm.v1.engine.async_llm import AsyncLLM
 from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
-from server.errors import BadRequestError, EngineError, ServiceUnavailableError
-from server.generation import (
+from server.engine.interface import (
     ChoiceDelta,
     EnginePrompt,
     EngineStep,
@@ -39,6 +38,7 @@ from server.generation import (
     SamplingOptions,
     TokenLogprob,
 )
+from server.errors import BadRequestError, EngineError, ServiceUnavailableError
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ def _attach_to_shared_core(args: AsyncEngineArgs, shared_core: dict[str, Any]) -
 
 
 class VllmEngine:
-    """Implements `server.generation.EngineClient` on vLLM's `AsyncLLM`."""
+    """Implements `server.engine.interface.EngineClient` on vLLM's `AsyncLLM`."""
 
     def __init__(self, settings: Settings, shared_core: dict[str, Any] | None = None) -> None:
         """`shared_core`: in an API process of `server.api_processes`, the addresses of the engine
