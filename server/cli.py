@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
-from typing import Any, NoReturn
+from typing import Any
 
 log = logging.getLogger("server")
 
@@ -23,6 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command == "serve":
+        from server.lifecycle import exit_now
+
         exit_now(serve(args))
     if args.command == "make-tiny-model":
         return make_tiny_model(args)
@@ -46,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def serve(args: argparse.Namespace) -> int:
-    from server.lifecycle import run_server
+    from server.lifecycle import ExitCode, run_server
     from server.logging_setup import configure_logging
     from server.settings import load_settings
 
@@ -59,25 +60,13 @@ def serve(args: argparse.Namespace) -> int:
         settings = load_settings(args.config, **({"server": overrides} if overrides else {}))
     except (FileNotFoundError, ValueError) as exc:
         print(f"gemma-server: invalid configuration: {exc}", file=sys.stderr)
-        return 2
+        return ExitCode.INVALID_CONFIGURATION
     configure_logging(settings.server.log_level, settings.server.log_format)
     if settings.server.api_processes > 1:
         from server.engine.api_processes import serve_api_processes
 
         return serve_api_processes(settings)
     return run_server(settings)
-
-
-def exit_now(code: int) -> NoReturn:
-    """Ends the server process once everything is closed (the engine processes are stopped by then).
-
-    The interpreter's own teardown of torch and vLLM took a further 10 s or more on a busy 2-core
-    machine: time an orchestrator counts against the grace period for nothing."""
-    log.info("exiting with code %d", code)
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 def make_tiny_model(args: argparse.Namespace) -> int:

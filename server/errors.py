@@ -1,19 +1,29 @@
-"""Every error a client can see, in one place, with one mapping to HTTP and to SSE.
+"""Every error a client can see, in one place: the error classes, and how each protocol writes them.
 
-An error body is OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`. The OpenAI SDKs
-retry 408/409/429 and every 5xx, so a problem caused by the request must never be a 5xx.
-Messages are written for the client: no stack traces, file paths or memory addresses
+An `APIError` carries an HTTP status, a kind (`error_type`), the request field at fault (`param`), a
+machine-readable `code` and headers (Retry-After). Whoever notices a problem raises one: the edge
+middleware, a protocol adapter, the pipeline, the engine adapter (which translates vLLM's exceptions).
+This module alone turns them into bytes, as a JSON body (`response`, `raw_response` for the ASGI
+middleware) or as a stream's SSE error event (`sse_event`), in the shape of the protocol the
+request spoke (`ErrorFormat`; OpenAI's `{"error": {"message", "type", "param", "code"}}` today).
+The errors every protocol shares are built here once: `draining`, `not_ready`, `engine_stopped`,
+`from_http_status`.
+
+The OpenAI SDKs retry 408/409/429 and every 5xx, so a problem caused by the request must never be a
+5xx. Messages are written for the client: no stack traces, file paths or memory addresses
 (`sanitize_message` is applied to anything that came from an exception).
 
-This module must not import vLLM; the engine adapter translates engine exceptions into these.
+This module must not import vLLM or FastAPI's routing.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
+from starlette.responses import Response
 
 MAX_MESSAGE_CHARS = 1000
 
@@ -142,6 +152,74 @@ def sanitize_message(message: str) -> str:
     return message
 
 
-def sse_error_event(error: APIError) -> bytes:
-    """The SSE form of an error, sent when a stream has already started (then `data: [DONE]`)."""
-    return b"data: " + error.to_json() + b"\n\n"
+# ---- the errors every protocol shares ------------------------------------------------------
+
+
+def draining(retry_after: Mapping[str, str]) -> ServiceUnavailableError:
+    """The 503 of a server that got SIGTERM: new and waiting requests are sent to another replica."""
+    return ServiceUnavailableError(
+        "the server is shutting down; retry on another replica", code="server_shutting_down", headers=dict(retry_after)
+    )
+
+
+def not_ready(retry_after: Mapping[str, str]) -> ServiceUnavailableError:
+    return ServiceUnavailableError("the model is still loading; retry shortly", headers=dict(retry_after))
+
+
+def engine_stopped() -> ServiceUnavailableError:
+    return ServiceUnavailableError("the inference engine has stopped; the server is restarting")
+
+
+def from_http_status(status: int, detail: str) -> APIError:
+    """Starlette's own HTTP errors (no route, wrong method) as ours."""
+    if status == 404:
+        return NotFoundError("no such route")
+    if status == 405:
+        return MethodNotAllowedError("method not allowed on this route")
+    if status < 500:
+        error: APIError = BadRequestError(detail)
+        error.status_code = status
+        return error
+    return APIError("internal error")
+
+
+# ---- how each protocol writes an error ----------------------------------------------------
+
+
+class ErrorFormat:
+    """OpenAI's error shape, for a JSON body and for an SSE event (then the stream's end marker)."""
+
+    def body(self, error: APIError) -> bytes:
+        return error.to_json()
+
+    def sse_event(self, error: APIError) -> bytes:
+        return b"data: " + self.body(error) + b"\n\n"
+
+
+OPENAI = ErrorFormat()
+
+
+def format_for_path(path: str) -> ErrorFormat:
+    """The error shape of the protocol served at `path` (for errors raised before a route runs)."""
+    return OPENAI
+
+
+def response(error: APIError, *, path: str = "", extra_headers: Mapping[str, str] | None = None) -> Response:
+    headers = {**error.headers, **(extra_headers or {})}
+    body = format_for_path(path).body(error)
+    return Response(body, status_code=error.status_code, media_type="application/json", headers=headers)
+
+
+def raw_response(error: APIError, *, path: str = "", close: bool = False) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """Headers and body for code below Starlette's responses (the HTTP protocol, ASGI middleware)."""
+    body = format_for_path(path).body(error)
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(name.lower().encode(), value.encode()) for name, value in error.headers.items()]
+    if close:
+        headers.append((b"connection", b"close"))
+    return headers, body
+
+
+def sse_event(error: APIError, *, path: str = "") -> bytes:
+    """The SSE form of an error, sent when a stream has already started."""
+    return format_for_path(path).sse_event(error)

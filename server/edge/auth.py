@@ -32,6 +32,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from server import errors
 from server.errors import AuthenticationError, BadRequestError
 from server.pipeline.normalize import NORMALIZED_HEADER
 from server.settings import AuthSettings
@@ -150,12 +151,8 @@ class AuthMiddleware:
             if token is None
             else "Incorrect API key provided"
         )
-        error = AuthenticationError(message)
-        response = Response(
-            error.to_json(),
-            status_code=error.status_code,
-            media_type="application/json",
-            headers={"WWW-Authenticate": "Bearer"},
+        response = errors.response(
+            AuthenticationError(message), path=scope.get("path", ""), extra_headers={"WWW-Authenticate": "Bearer"}
         )
         await response(scope, receive, send)
 
@@ -169,7 +166,7 @@ class OpenAICORSMiddleware(CORSMiddleware):
             return response
         error = BadRequestError(bytes(response.body).decode(errors="replace"), code="cors_preflight_refused")
         headers = {k: v for k, v in response.headers.items() if k.lower() not in ("content-length", "content-type")}
-        return Response(error.to_json(), status_code=400, media_type="application/json", headers=headers)
+        return errors.response(error, extra_headers=headers)
 
 
 def cors_options(settings: AuthSettings) -> dict[str, object]:

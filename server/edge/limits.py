@@ -20,6 +20,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server import errors
 from server.errors import APIError, BadRequestError, HeadersTooLargeError, PayloadTooLargeError
 
 
@@ -31,18 +32,8 @@ def _headers_error(max_bytes: int, max_count: int, *, count: int, size: int) -> 
     return None
 
 
-def error_response_bytes(error: APIError) -> tuple[list[tuple[bytes, bytes]], bytes]:
-    body = error.to_json()
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        (b"connection", b"close"),
-    ]
-    return headers, body
-
-
-async def send_error(send: Send, error: APIError) -> None:
-    headers, body = error_response_bytes(error)
+async def send_error(send: Send, error: APIError, path: str = "") -> None:
+    headers, body = errors.raw_response(error, path=path, close=True)
     await send({"type": "http.response.start", "status": error.status_code, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
@@ -169,7 +160,7 @@ def header_limited_httptools_protocol(max_header_bytes: int, max_header_count: i
         def send_400_response(self, msg: str) -> None:
             # uvicorn's own answer to a request it cannot parse is plain text; ours is OpenAI's shape.
             error: APIError = self._head_error or BadRequestError("the request is not valid HTTP/1.1")
-            headers, body = error_response_bytes(error)
+            headers, body = errors.raw_response(error, close=True)
             reason = b"Request Header Fields Too Large" if error.status_code == 431 else b"Bad Request"
             status = b"HTTP/1.1 %d %s\r\n" % (error.status_code, reason)
             head = b"".join(name + b": " + value + b"\r\n" for name, value in headers)

@@ -42,15 +42,12 @@ from multiprocessing import connection
 from types import FrameType
 from typing import Any
 
-from server.lifecycle import DrainingServer, run_server
+from server.lifecycle import DrainingServer, ExitCode, exit_now, run_server
 from server.pipeline.admission import AdmissionCounts
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# Exit codes, the same as one process's: the engine failed to start, the engine died.
-STARTUP_FAILED_EXIT_CODE = 3
-ENGINE_DIED_EXIT_CODE = 4
 # On shutdown, how long API processes get beyond the drain window before they are killed.
 EXIT_MARGIN_SECONDS = 20
 
@@ -125,7 +122,7 @@ def serve_api_processes(settings: Settings) -> int:
         return supervisor.exit_code
     except RuntimeError as exc:  # vLLM's start-up wait: the engine core or an API process failed
         log.critical("start-up failed: %s", exc)
-        return STARTUP_FAILED_EXIT_CODE
+        return ExitCode.ENGINE_STARTUP_FAILED
     finally:
         alive_writer.close()  # API processes still running learn that the engine core is going away
         supervisor.stop_api_processes()
@@ -202,7 +199,7 @@ class _Supervisor:
         process.join(timeout=1)
         log.critical("engine core %s died with exit code %s", process.name, process.exitcode)
         if self.exit_code == 0:
-            self.exit_code = ENGINE_DIED_EXIT_CODE
+            self.exit_code = ExitCode.ENGINE_DIED
         self.stopping = True
         alive_writer.close()  # each API process ends its open requests and exits
 
@@ -230,7 +227,6 @@ def run_api_process(
     """Entry point of one API process (spawned by vLLM's `APIServerProcessManager`)."""
     from vllm.utils.system_utils import set_process_title
 
-    from server.cli import exit_now
     from server.engine.vllm_engine import VllmEngine
     from server.logging_setup import configure_logging
 

@@ -5,7 +5,7 @@ for a slot before any expensive work (image fetching and decoding, the multimoda
 generation):
 
     async with admission.slot(estimated_prompt_tokens, http_request) as slot:
-        return slot.hold(await service.create(body, http_request))
+        return slot.hold(await answer(request))      # as server/pipeline/pipeline.py does
 
 - fewer than `max_in_flight` slots taken and nobody waiting: admitted at once;
 - otherwise it waits in FIFO order, if fewer than `max_waiting` requests and at most
@@ -40,51 +40,18 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi import Request
+from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from server.errors import ClientClosedRequestError, RateLimitError, ServiceUnavailableError
+from server import errors
+from server.errors import ClientClosedRequestError, RateLimitError
 from server.metrics import Metrics
-from server.pipeline.runner import wait_for_disconnect
-from server.protocols.openai.wire import ChatCompletionRequest, CompletionRequest, ImagePart, TextPart
+from server.pipeline.disconnect import wait_for_disconnect
 from server.settings import AdmissionSettings
 
-# Until the prompt is built, its size is estimated: about 3 characters per token (an over-estimate
-# for most text with Gemma's tokenizer) and Gemma 3's 256 soft tokens plus markers per image.
-CHARS_PER_TOKEN = 3
-TOKENS_PER_IMAGE = 260
 # How often a process with waiting requests checks for slots freed by other API processes.
 SHARED_POLL_SECONDS = 0.005
-
-
-def estimate_prompt_tokens(chars: int, images: int = 0) -> int:
-    """Any generation request's prompt size before it is built (e.g. /v1/completions: its prompt)."""
-    return 1 + chars // CHARS_PER_TOKEN + images * TOKENS_PER_IMAGE
-
-
-def estimate_completion_prompt_tokens(request: CompletionRequest) -> int:
-    """Token id prompts count exactly; text ones are estimated."""
-    total = 0
-    for prompt in request.prompts:
-        total += len(prompt) if isinstance(prompt, list) else estimate_prompt_tokens(len(prompt))
-    return max(total, 1)
-
-
-def estimate_chat_prompt_tokens(request: ChatCompletionRequest) -> int:
-    chars = 0
-    images = 0
-    for message in request.messages:
-        content = message.content
-        if isinstance(content, str):
-            chars += len(content)
-            continue
-        for part in content or ():
-            if isinstance(part, TextPart):
-                chars += len(part.text)
-            elif isinstance(part, ImagePart):
-                images += 1
-    return estimate_prompt_tokens(chars, images)
 
 
 @dataclass(eq=False)
@@ -213,7 +180,7 @@ class Admission:
     async def _acquire(self, tokens: int, http_request: Request | None) -> None:
         if self._draining:
             self.metrics.rejected.labels("draining").inc()
-            raise self._draining_error()
+            raise errors.draining(self.retry_after)
         if not self._counts.waiting and self._try_take():  # nobody queued anywhere: no one to overtake
             self.metrics.queue_time.observe(0.0)
             return
@@ -285,13 +252,6 @@ class Admission:
     def _publish_waiting(self) -> None:
         self.metrics.requests_waiting.set(len(self._waiting))
 
-    def _draining_error(self) -> ServiceUnavailableError:
-        return ServiceUnavailableError(
-            "the server is shutting down; retry on another replica",
-            code="server_shutting_down",
-            headers=self.retry_after,
-        )
-
     def start_draining(self) -> None:
         """Refuses new requests and sends every waiting one away with 503; in-flight ones go on."""
         self._draining = True
@@ -300,7 +260,7 @@ class Admission:
             self._dequeue(waiter)
             if not waiter.future.done():
                 self.metrics.rejected.labels("draining").inc()
-                waiter.future.set_exception(self._draining_error())
+                waiter.future.set_exception(errors.draining(self.retry_after))
         self._publish_waiting()
 
     async def wait_idle(self, timeout: float) -> bool:

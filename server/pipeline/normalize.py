@@ -1,10 +1,10 @@
-"""Gemma 3 message normalization: OpenAI chat messages -> the conversation Gemma 3's template accepts.
+"""Gemma 3 message normalization: any protocol's turns -> the conversation Gemma 3's template accepts.
 
 Gemma 3 has no system role and its chat template insists on turns that alternate user/model, starting
-with a user turn. OpenAI clients send system and developer messages anywhere, consecutive user
-messages, tool results and assistant tool calls. This module turns any such list into a conversation
-the template renders, and records every change so the response can say what was done (header
-`X-Gemma-Normalized`, see `NORMALIZED_HEADER`):
+with a user turn. Clients send system and developer messages anywhere, consecutive user messages,
+tool results and assistant tool calls (`server.pipeline.request.Turn`s, whatever their protocol).
+This module turns any such list into a conversation the template renders, and records every change
+so the response can say what was done (header `X-Gemma-Normalized`, see `NORMALIZED_HEADER`):
 
 - `system-folded`: the system text goes into the first user turn, exactly as Gemma 3's template does
   it (system text + "\\n\\n" + the user's text). The template still does the folding; this module
@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from server.errors import BadRequestError
+from server.pipeline.request import Image, Part, Text, Turn
 from server.pipeline.tools import render_tool_calls, render_tool_result
-from server.protocols.openai.wire import AssistantMessage, ImagePart, SystemMessage, TextPart, ToolMessage, UserMessage
 
 NORMALIZED_HEADER = "X-Gemma-Normalized"
 
@@ -52,22 +52,13 @@ USER_TURN_INSERTED = "user-turn-inserted"
 # Changes that repair a conversation Gemma's format does not allow; strict mode refuses them.
 REPAIRS = (SYSTEMS_MERGED, SYSTEM_MOVED, MERGED_USER_TURNS, MERGED_ASSISTANT_TURNS, USER_TURN_INSERTED)
 
-ChatMessage = SystemMessage | UserMessage | AssistantMessage | ToolMessage
-
-
-@dataclass(slots=True)
-class ImageRef:
-    url: str
-    detail: str
-    param: str  # where it was in the request, e.g. "messages[1].content[2].image_url"
-
 
 @dataclass(slots=True)
 class Conversation:
     """What the chat template renders, the images in prompt order, and what normalization changed."""
 
     messages: list[dict[str, Any]]
-    images: list[ImageRef]
+    images: list[Image]
     changes: list[str] = field(default_factory=list)
 
 
@@ -78,9 +69,9 @@ class _Turn:
     origin: str  # "user", "assistant" or "tool"
 
 
-def normalize(messages: list[ChatMessage], *, tools_text: str | None = None, strict: bool = False) -> Conversation:
+def normalize(messages: list[Turn], *, tools_text: str | None = None, strict: bool = False) -> Conversation:
     changes: list[str] = []
-    images: list[ImageRef] = []
+    images: list[Image] = []
     system_texts: list[str] = []
     turns: list[_Turn] = []
     call_names: dict[str, str] = {}
@@ -89,20 +80,20 @@ def normalize(messages: list[ChatMessage], *, tools_text: str | None = None, str
         if change not in changes:
             changes.append(change)
 
-    for index, message in enumerate(messages):
-        param = f"messages[{index}]"
-        if isinstance(message, SystemMessage):
+    for message in messages:
+        if message.role in ("system", "developer"):
             if message.role == "developer":
                 note(DEVELOPER_AS_SYSTEM)
             if turns:
                 note(SYSTEM_MOVED)
             system_texts.append(_joined_text(message.content))
-        elif isinstance(message, UserMessage):
-            turns.append(_Turn("user", _user_content(message.content, param, images), "user"))
-        elif isinstance(message, AssistantMessage):
+        elif message.role == "user":
+            turns.append(_Turn("user", _user_content(message.content, images), "user"))
+        elif message.role == "assistant":
             turns.append(_Turn("assistant", _assistant_content(message, call_names, note), "assistant"))
         else:
-            name = message.name or call_names.get(message.tool_call_id) or message.tool_call_id
+            call_id = message.tool_call_id or ""
+            name = message.name or call_names.get(call_id) or call_id
             turns.append(_Turn("user", render_tool_result(name, _joined_text(message.content)), "tool"))
             note(TOOL_RESULTS_FOLDED)
 
@@ -134,39 +125,41 @@ def normalize(messages: list[ChatMessage], *, tools_text: str | None = None, str
     return Conversation(messages=template_messages, images=images, changes=changes)
 
 
-def _joined_text(content: str | list[TextPart]) -> str:
+def _joined_text(content: str | list[Part] | None) -> str:
+    if content is None:
+        return ""
     if isinstance(content, str):
         return content
-    return "\n\n".join(part.text for part in content)
+    return "\n\n".join(part.text for part in content if isinstance(part, Text))
 
 
-def _user_content(content: str | list[TextPart | ImagePart], param: str, images: list[ImageRef]) -> Any:
+def _user_content(content: str | list[Part] | None, images: list[Image]) -> Any:
+    if content is None:
+        return ""
     if isinstance(content, str):
         return content
     parts: list[dict[str, Any]] = []
-    for part_index, part in enumerate(content):
-        if isinstance(part, TextPart):
+    for part in content:
+        if isinstance(part, Text):
             parts.append({"type": "text", "text": part.text})
         else:
-            images.append(
-                ImageRef(
-                    url=part.image_url.url,
-                    detail=part.image_url.detail,
-                    param=f"{param}.content[{part_index}].image_url",
-                )
-            )
+            images.append(part)
             parts.append({"type": "image"})
     return parts
 
 
-def _assistant_content(message: AssistantMessage, call_names: dict[str, str], note: Any) -> Any:
+def _assistant_content(message: Turn, call_names: dict[str, str], note: Any) -> Any:
     content = message.content
     if not message.tool_calls:
         if content is None:
             return ""
-        return content if isinstance(content, str) else [{"type": "text", "text": p.text} for p in content]
+        return (
+            content
+            if isinstance(content, str)
+            else [{"type": "text", "text": p.text} for p in content if isinstance(p, Text)]
+        )
     for call in message.tool_calls:
-        call_names[call.id] = call.function.name
+        call_names[call.id] = call.name
     note(TOOL_CALLS_RENDERED)
     text = _joined_text(content) if content is not None else ""
     rendered = render_tool_calls(message.tool_calls)

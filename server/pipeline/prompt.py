@@ -1,4 +1,4 @@
-"""From OpenAI chat messages to Gemma 3's prompt, using the model's own chat template.
+"""From a conversation's turns to Gemma 3's prompt, using the model's own chat template.
 
 `conversation_for_template` normalizes the validated messages (`server/normalize.py`: system folding,
 merged turns, tool results) into the structure Gemma 3's template reads (text parts, and
@@ -17,13 +17,14 @@ from typing import Any
 import jinja2
 
 from server.errors import BadRequestError
-from server.pipeline.normalize import ChatMessage, Conversation, ImageRef, normalize
+from server.pipeline.normalize import Conversation, normalize
+from server.pipeline.request import Turn
 
-__all__ = ["Conversation", "ImageRef", "conversation_for_template", "render_prompt"]
+__all__ = ["Conversation", "conversation_for_template", "render_prompt"]
 
 
 def conversation_for_template(
-    messages: list[ChatMessage], *, tools_text: str | None = None, strict: bool = False
+    messages: list[Turn], *, tools_text: str | None = None, strict: bool = False
 ) -> Conversation:
     return normalize(messages, tools_text=tools_text, strict=strict)
 

@@ -15,13 +15,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncGenerator, Awaitable
-from typing import Any, TypeVar
-
-from fastapi import Request
+from collections.abc import AsyncGenerator
+from typing import TypeVar
 
 from server.engine.interface import EngineClient, EnginePrompt, EngineStep, PreparedPrompt, SamplingOptions
-from server.errors import ClientClosedRequestError
 from server.metrics import Metrics
 
 T = TypeVar("T")
@@ -33,11 +30,12 @@ class Steps:
     (aborting the request if it still runs), even when iteration never began.
     """
 
-    __slots__ = ("_first", "_rest")
+    __slots__ = ("_first", "_rest", "first_step")
 
     def __init__(self, first: EngineStep | None, rest: _Generation) -> None:
         self._first = first
         self._rest = rest
+        self.first_step = first  # kept: the prompt's logprobs come with it
 
     def __aiter__(self) -> Steps:
         return self
@@ -164,32 +162,3 @@ async def merge(iterators: list[Steps]) -> AsyncGenerator[tuple[int, EngineStep]
         for iterator in iterators:
             with contextlib.suppress(Exception):
                 await iterator.aclose()
-
-
-async def cancel_on_disconnect(http_request: Request | None, work: Awaitable[T]) -> T:
-    """Runs `work`; if the client disconnects first, cancels it (which aborts the engine request)."""
-    if http_request is None:
-        return await work
-    task: asyncio.Future[T] = asyncio.ensure_future(work)
-    watcher: asyncio.Future[None] = asyncio.ensure_future(wait_for_disconnect(http_request))
-    racers: set[asyncio.Future[Any]] = {task, watcher}
-    try:
-        done, _ = await asyncio.wait(racers, return_when=asyncio.FIRST_COMPLETED)
-        if task in done:
-            return task.result()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        raise ClientClosedRequestError("the client closed the connection")
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-
-
-async def wait_for_disconnect(http_request: Request) -> None:
-    """Returns when the client has gone away (reads and drops the rest of the request body)."""
-    while True:
-        message: Any = await http_request.receive()
-        if message["type"] == "http.disconnect":
-            return

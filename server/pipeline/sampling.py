@@ -1,8 +1,8 @@
-"""One request's sampling fields -> `SamplingOptions`, with the checks that need the prompt or vocabulary.
+"""One request's sampling fields -> the engine's `SamplingOptions`, with the checks that need the prompt or vocabulary.
 
-Shared by chat and text completions. Pydantic (`server/protocol.py`) has already bounded every field
-on its own; this adds what depends on the model: the context length (a 400
-`context_length_exceeded` before any generation), and token ids that must exist in the vocabulary.
+Shared by every protocol. The protocol adapter has already bounded every field on its own; this adds
+what depends on the model: the context length (a 400 `context_length_exceeded` before any
+generation), and token ids that must exist in the vocabulary.
 """
 
 from __future__ import annotations
@@ -11,9 +11,13 @@ from typing import Any
 
 from server.engine.interface import SamplingOptions
 from server.errors import BadRequestError, ContextLengthExceededError
-from server.protocols.openai.wire import _GenerationRequest
+from server.pipeline.request import Output, Sampling
 
 GREEDY_TEMPERATURE = 1e-5  # vLLM decodes greedily below this and then refuses n > 1
+
+
+def is_greedy(sampling: Sampling) -> bool:
+    return sampling.temperature is not None and sampling.temperature < GREEDY_TEMPERATURE
 
 
 def max_tokens_for(
@@ -57,51 +61,47 @@ def check_token_ids(ids: Any, vocab_size: int, param: str) -> None:
 
 
 def sampling_options(
-    request: _GenerationRequest,
+    sampling: Sampling,
+    output: Output,
     *,
     max_tokens: int,
     vocab_size: int,
-    logprobs: int | None = None,
-    prompt_logprobs: int | None = None,
+    n: int,
     json_schema: dict[str, Any] | None = None,
     json_object: bool = False,
 ) -> SamplingOptions:
-    if request.n > 1 and request.temperature is not None and request.temperature < GREEDY_TEMPERATURE:
+    """`n`: choices of this one engine request (the pipeline runs n greedy choices as n requests)."""
+    if sampling.min_tokens > max_tokens:
         raise BadRequestError(
-            "n > 1 needs a temperature above 0: greedy decoding would give n identical choices", param="n"
-        )
-    if request.min_tokens > max_tokens:
-        raise BadRequestError(
-            f"min_tokens ({request.min_tokens}) is larger than the completion budget ({max_tokens})",
+            f"min_tokens ({sampling.min_tokens}) is larger than the completion budget ({max_tokens})",
             param="min_tokens",
             code="invalid_value",
         )
-    logit_bias = request.logit_bias_ids
-    if logit_bias:
-        check_token_ids(logit_bias, vocab_size, "logit_bias")
-    if request.stop_token_ids:
-        check_token_ids(request.stop_token_ids, vocab_size, "stop_token_ids")
+    if sampling.logit_bias:
+        check_token_ids(sampling.logit_bias, vocab_size, "logit_bias")
+    if sampling.stop_token_ids:
+        check_token_ids(sampling.stop_token_ids, vocab_size, "stop_token_ids")
     return SamplingOptions(
         max_tokens=max_tokens,
-        n=request.n,
-        temperature=request.temperature,
-        top_p=request.top_p,
-        top_k=request.top_k,
-        min_p=request.min_p,
-        presence_penalty=request.presence_penalty,
-        frequency_penalty=request.frequency_penalty,
-        repetition_penalty=request.repetition_penalty,
-        seed=request.seed,
-        stop=request.stop_sequences,
-        stop_token_ids=list(request.stop_token_ids or ()),
-        ignore_eos=request.ignore_eos,
-        min_tokens=request.min_tokens,
-        logprobs=logprobs,
-        prompt_logprobs=prompt_logprobs,
-        logit_bias=logit_bias,
-        skip_special_tokens=request.skip_special_tokens,
-        include_stop_str_in_output=request.include_stop_str_in_output,
+        n=n,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        top_k=sampling.top_k,
+        min_p=sampling.min_p,
+        presence_penalty=sampling.presence_penalty,
+        frequency_penalty=sampling.frequency_penalty,
+        repetition_penalty=sampling.repetition_penalty,
+        seed=sampling.seed,
+        stop=list(sampling.stop),
+        stop_token_ids=list(sampling.stop_token_ids),
+        ignore_eos=sampling.ignore_eos,
+        min_tokens=sampling.min_tokens,
+        logprobs=output.logprobs,
+        prompt_logprobs=output.prompt_logprobs,
+        logit_bias=sampling.logit_bias,
+        skip_special_tokens=sampling.skip_special_tokens,
+        include_stop_str_in_output=sampling.include_stop_str_in_output,
         json_schema=json_schema,
         json_object=json_object,
-        stream=request.stream,
+        stream=output.stream,
     )

@@ -31,7 +31,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from server.protocols.openai.wire import ChatCompletionRequest, FunctionDefinition, NamedToolChoice, Tool, ToolCall
+from server.pipeline.request import Function, PastToolCall, Tools
 
 MAX_PARALLEL_CALLS = 16
 _FENCE = re.compile(r"```[ \t]*(?:json|tool_code|tool_call|python|py)?[ \t]*\n?(.*?)```", re.DOTALL)
@@ -44,16 +44,13 @@ class ParsedCall:
     arguments: str  # JSON text
     id: str = field(default_factory=lambda: f"call_{uuid.uuid4().hex[:24]}")
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
-
 
 @dataclass(slots=True)
 class ToolPlan:
     """What a request's `tools`/`tool_choice` mean for the prompt, the sampling and the output."""
 
     mode: str  # "none", "auto", "required" or "named"
-    functions: dict[str, FunctionDefinition] = field(default_factory=dict)
+    functions: dict[str, Function] = field(default_factory=dict)
     prompt_text: str | None = None
     constraint: dict[str, Any] | None = None  # a JSON Schema for constrained decoding
     parallel: bool = True
@@ -63,14 +60,12 @@ class ToolPlan:
         return self.mode != "none"
 
 
-def plan_tools(
-    tools: list[Tool] | None, tool_choice: str | NamedToolChoice | None, *, parallel: bool = True
-) -> ToolPlan:
-    if not tools or tool_choice == "none":
+def plan_tools(tools: Tools | None) -> ToolPlan:
+    if tools is None or not tools.functions or tools.choice == "none":
         return ToolPlan("none")
-    functions = {tool.function.name: tool.function for tool in tools}
-    if isinstance(tool_choice, NamedToolChoice):
-        chosen = functions[tool_choice.function.name]
+    functions = {function.name: function for function in tools.functions}
+    if tools.choice == "function":
+        chosen = functions[tools.function or ""]
         return ToolPlan(
             "named",
             functions,
@@ -78,7 +73,8 @@ def plan_tools(
             call_schema([chosen], parallel=False),
             parallel=False,
         )
-    if tool_choice == "required":
+    parallel = tools.parallel
+    if tools.choice == "required":
         return ToolPlan(
             "required",
             functions,
@@ -89,14 +85,10 @@ def plan_tools(
     return ToolPlan("auto", functions, tools_prompt(list(functions.values()), parallel=parallel), None, parallel)
 
 
-def plan_for_request(request: ChatCompletionRequest) -> ToolPlan:
-    return plan_tools(request.tools, request.tool_choice, parallel=request.parallel_tool_calls)
-
-
 # ---- prompt -----------------------------------------------------------------------------------
 
 
-def tools_prompt(functions: list[FunctionDefinition], *, must_call: str | None = None, parallel: bool = True) -> str:
+def tools_prompt(functions: list[Function], *, must_call: str | None = None, parallel: bool = True) -> str:
     """The tool section of the system text. `must_call`: "" = some function, a name = that one."""
     lines = [
         "You can call the functions described below, one JSON object per function.",
@@ -121,9 +113,9 @@ def tools_prompt(functions: list[FunctionDefinition], *, must_call: str | None =
     return "\n".join(lines)
 
 
-def render_tool_calls(calls: list[ToolCall]) -> str:
+def render_tool_calls(calls: list[PastToolCall]) -> str:
     """Earlier calls, as the model's text in the format the prompt asks for."""
-    rendered = [{"name": call.function.name, "arguments": _arguments_value(call.function.arguments)} for call in calls]
+    rendered = [{"name": call.name, "arguments": _arguments_value(call.arguments)} for call in calls]
     return json.dumps(rendered[0] if len(rendered) == 1 else rendered, ensure_ascii=False)
 
 
@@ -141,7 +133,7 @@ def _arguments_value(arguments: str) -> Any:
 # ---- constrained decoding ---------------------------------------------------------------------
 
 
-def call_schema(functions: list[FunctionDefinition], *, parallel: bool) -> dict[str, Any]:
+def call_schema(functions: list[Function], *, parallel: bool) -> dict[str, Any]:
     """A JSON Schema that admits only calls of `functions` with valid arguments.
 
     Each function's `$defs`/`definitions` move to the root under a per-function prefix (their
@@ -203,7 +195,7 @@ def _rewrite_ref(ref: str, prefix: str) -> str:
 # ---- parsing ----------------------------------------------------------------------------------
 
 
-def parse_tool_calls(body: str, functions: dict[str, FunctionDefinition]) -> list[ParsedCall] | None:
+def parse_tool_calls(body: str, functions: dict[str, Function]) -> list[ParsedCall] | None:
     """Calls written as JSON or as Python calls; None when `body` is not (only) calls of `functions`."""
     body = body.strip()
     if not body:
@@ -215,7 +207,7 @@ def parse_tool_calls(body: str, functions: dict[str, FunctionDefinition]) -> lis
     return _python_calls(body, functions)
 
 
-def _json_calls(body: str, functions: dict[str, FunctionDefinition]) -> list[ParsedCall] | None:
+def _json_calls(body: str, functions: dict[str, Function]) -> list[ParsedCall] | None:
     try:
         value = json.loads(body)
     except (ValueError, RecursionError):
@@ -238,7 +230,7 @@ def _json_calls(body: str, functions: dict[str, FunctionDefinition]) -> list[Par
     return calls or None
 
 
-def _python_calls(body: str, functions: dict[str, FunctionDefinition]) -> list[ParsedCall] | None:
+def _python_calls(body: str, functions: dict[str, Function]) -> list[ParsedCall] | None:
     try:
         tree = ast.parse(body, mode="eval").body
     except (SyntaxError, ValueError, RecursionError, MemoryError):
@@ -261,7 +253,7 @@ def _is_call(node: ast.expr, name: str) -> bool:
     return isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == name
 
 
-def _python_arguments(node: ast.Call, function: FunctionDefinition) -> dict[str, Any] | None:
+def _python_arguments(node: ast.Call, function: Function) -> dict[str, Any] | None:
     names = list(((function.parameters or {}).get("properties") or {}).keys())
     if len(node.args) > len(names):
         return None

@@ -9,7 +9,9 @@ import pytest
 
 from server.errors import ClientClosedRequestError, RateLimitError, ServiceUnavailableError
 from server.metrics import Metrics
-from server.pipeline.admission import Admission, AdmissionCounts, estimate_chat_prompt_tokens
+from server.pipeline.admission import Admission, AdmissionCounts
+from server.pipeline.pipeline import estimate_prompt_tokens
+from server.protocols.openai.chat import chat_request
 from server.protocols.openai.wire import ChatCompletionRequest
 from server.settings import AdmissionSettings
 
@@ -185,7 +187,7 @@ def test_prompt_estimate_counts_text_and_images() -> None:
             ],
         }
     )
-    assert estimate_chat_prompt_tokens(request) == 1 + 330 // 3 + 260
+    assert estimate_prompt_tokens(chat_request(request)) == 1 + 330 // 3 + 260
 
 
 # ---- several API processes: the bounds are over all of them ----------------------------------------------

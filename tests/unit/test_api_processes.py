@@ -17,7 +17,8 @@ from typing import Any
 
 import pytest
 
-from server.engine.api_processes import ENGINE_DIED_EXIT_CODE, _Supervisor
+from server.engine.api_processes import _Supervisor
+from server.lifecycle import ExitCode
 from tests.support.fake_engine import fake_settings
 
 SPAWN = multiprocessing.get_context("spawn")
@@ -37,7 +38,7 @@ def _api_process_stand_in(
         try:
             alive.recv()
         except EOFError:
-            os._exit(ENGINE_DIED_EXIT_CODE)
+            os._exit(ExitCode.ENGINE_DIED)
 
     threading.Thread(target=watch_pipe, daemon=True).start()
     if stop.wait(after_seconds):
@@ -125,5 +126,5 @@ def test_engine_core_death_closes_the_pipe_and_the_set_exits_4(pipe: Any) -> Non
     children = [_start(_api_process_stand_in, reader, 9, None) for _ in range(2)]
     engine = _start(_engine_stand_in, 1.0)
     code = _supervisor(children).supervise([engine], writer)
-    assert code == ENGINE_DIED_EXIT_CODE
-    assert [child.exitcode for child in children] == [ENGINE_DIED_EXIT_CODE] * 2  # told through the pipe
+    assert code == ExitCode.ENGINE_DIED
+    assert [child.exitcode for child in children] == [ExitCode.ENGINE_DIED] * 2  # told through the pipe

@@ -7,7 +7,7 @@ from typing import Any
 import orjson
 import pytest
 
-from server.responses import ChunkEncoder
+from server.protocols.openai.chat import ChunkEncoder
 
 
 def _general_event(encoder: ChunkEncoder, index: int, text: str) -> dict[str, Any]:

@@ -4,7 +4,8 @@ import orjson
 import pytest
 from pydantic import ValidationError
 
-from server.errors import BadRequestError, RateLimitError, sanitize_message, sse_error_event
+from server import errors
+from server.errors import BadRequestError, RateLimitError, sanitize_message
 from server.protocols.openai.validation import validation_error_to_api_error
 from server.protocols.openai.wire import ChatCompletionRequest
 
@@ -37,7 +38,7 @@ def test_messages_are_bounded() -> None:
 
 
 def test_sse_error_event() -> None:
-    event = sse_error_event(BadRequestError("bad"))
+    event = errors.sse_event(BadRequestError("bad"))
     assert event.startswith(b"data: {") and event.endswith(b"\n\n")
 
 

@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from fastapi.routing import APIRoute
 
 import server.edge.auth as auth
-from server.app import drain
+from server.lifecycle import drain
 from server.settings import load_settings
 from tests.support.checks import assert_openai_error, assert_stream_ends_with_error_then_done, sse_events
 from tests.support.fake_engine import MODEL, PacedEngine, fake_settings, running_app

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from server.errors import BadRequestError
 from server.pipeline.normalize import normalize
 from server.pipeline.prompt import render_prompt
+from server.protocols.openai.chat import turns_of
 from server.protocols.openai.wire import ChatCompletionRequest
 
 
@@ -23,7 +24,7 @@ def tokenizer(tiny_model_dir: Path):  # type: ignore[no-untyped-def]
 
 
 def _messages(*messages: dict) -> list:
-    return ChatCompletionRequest.model_validate({"model": "m", "messages": list(messages)}).messages
+    return turns_of(ChatCompletionRequest.model_validate({"model": "m", "messages": list(messages)}).messages)
 
 
 def _render(tokenizer: Any, *messages: dict, strict: bool = False, tools_text: str | None = None) -> tuple[str, list]:

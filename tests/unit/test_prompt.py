@@ -8,6 +8,7 @@ import pytest
 
 from server.errors import BadRequestError
 from server.pipeline.prompt import conversation_for_template, render_prompt
+from server.protocols.openai.chat import turns_of
 from server.protocols.openai.wire import ChatCompletionRequest
 
 
@@ -19,7 +20,7 @@ def tokenizer(tiny_model_dir: Path):  # type: ignore[no-untyped-def]
 
 
 def _messages(*messages: dict) -> list:
-    return ChatCompletionRequest.model_validate({"model": "m", "messages": list(messages)}).messages
+    return turns_of(ChatCompletionRequest.model_validate({"model": "m", "messages": list(messages)}).messages)
 
 
 def test_gemma_layout_with_system_folded_into_first_user_turn(tokenizer) -> None:  # type: ignore[no-untyped-def]

@@ -11,7 +11,8 @@ import pytest
 from server.engine.interface import ChoiceDelta, EngineStep, PreparedPrompt, SamplingOptions
 from server.errors import BadRequestError, ClientClosedRequestError
 from server.metrics import Metrics
-from server.pipeline.runner import EngineRunner, cancel_on_disconnect, merge, start_all
+from server.pipeline.disconnect import cancel_on_disconnect
+from server.pipeline.runner import EngineRunner, merge, start_all
 
 
 class ScriptedEngine:

@@ -11,6 +11,7 @@ import pytest
 
 from server.errors import BadRequestError
 from server.pipeline.prompt import conversation_for_template, render_prompt
+from server.protocols.openai.chat import turns_of
 from server.protocols.openai.validation import check_request_fields
 from server.protocols.openai.wire import ChatCompletionRequest
 
@@ -39,7 +40,7 @@ def test_template_syntax_in_messages_is_text(tokenizer) -> None:  # type: ignore
     request = ChatCompletionRequest.model_validate(
         {"model": "m", "messages": [{"role": "user", "content": "{{ 7 * 7 }}{% raw %}"}]}
     )
-    text, _ids = render_prompt(tokenizer, conversation_for_template(request.messages))
+    text, _ids = render_prompt(tokenizer, conversation_for_template(turns_of(request.messages)))
     assert "{{ 7 * 7 }}{% raw %}" in text and "49" not in text
 
 

@@ -14,7 +14,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from server.pipeline.tools import ToolCallExtractor, call_schema, parse_tool_calls, plan_tools
+from server.pipeline.tools import ToolCallExtractor, ToolPlan, call_schema, parse_tool_calls, plan_tools
+from server.protocols.openai.chat import tools_of
 from server.protocols.openai.wire import NamedToolChoice, Tool
 
 WEATHER = Tool.model_validate(
@@ -32,8 +33,14 @@ WEATHER = Tool.model_validate(
     }
 )
 TIME = Tool.model_validate({"type": "function", "function": {"name": "get-time"}})
-FUNCTIONS = {"get_weather": WEATHER.function, "get-time": TIME.function}
-AUTO = plan_tools([WEATHER, TIME], "auto")
+
+
+def _plan(tools: list[Tool] | None, choice: str | NamedToolChoice | None, *, parallel: bool = True) -> ToolPlan:
+    return plan_tools(tools_of(tools, choice, parallel))
+
+
+FUNCTIONS = {function.name: function for function in tools_of([WEATHER, TIME], None).functions}  # type: ignore[union-attr]
+AUTO = _plan([WEATHER, TIME], "auto")
 
 
 def _calls(text: str) -> list[tuple[str, dict]] | None:
@@ -153,7 +160,7 @@ def test_streaming_and_whole_text_agree(text: str, cuts: list[int]) -> None:
 
 
 def test_constrained_output_is_held_and_parsed() -> None:
-    plan = plan_tools([WEATHER, TIME], "required")
+    plan = _plan([WEATHER, TIME], "required")
     text = '[{"name":"get_weather","arguments":{"city":"Lima"}}]'
     assert _run(text, list(text), plan) == ("", [("get_weather", '{"city": "Lima"}')])
     truncated = '{"name":"get_weather","argu'
@@ -161,14 +168,14 @@ def test_constrained_output_is_held_and_parsed() -> None:
 
 
 def test_plans() -> None:
-    assert not plan_tools(None, None).active
-    assert not plan_tools([WEATHER], "none").active
-    auto = plan_tools([WEATHER], None)
+    assert not _plan(None, None).active
+    assert not _plan([WEATHER], "none").active
+    auto = _plan([WEATHER], None)
     assert auto.mode == "auto" and auto.constraint is None
     assert "If no function is needed, answer normally." in (auto.prompt_text or "")
-    required = plan_tools([WEATHER, TIME], "required", parallel=False)
+    required = _plan([WEATHER, TIME], "required", parallel=False)
     assert "You must call at least one function now." in (required.prompt_text or "")
-    named = plan_tools([WEATHER, TIME], NamedToolChoice.model_validate({"function": {"name": "get-time"}}))
+    named = _plan([WEATHER, TIME], NamedToolChoice.model_validate({"function": {"name": "get-time"}}))
     assert named.mode == "named" and "You must call the function get-time now." in (named.prompt_text or "")
     assert '"name": "get_weather"' in (named.prompt_text or "")  # every tool is described
 

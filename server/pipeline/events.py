@@ -1,0 +1,73 @@
+"""What a running generation produces, in the pipeline's terms: events, usage, and the collected result.
+
+`Run.events()` (`server/pipeline/pipeline.py`) yields, per choice and in order:
+- `TextDelta`: text that can be sent as content now, the token ids it came from, their logprobs,
+  and on the last one the finish reason (`"stop"`, `"length"`, or `"tool_calls"`);
+- `ToolCalls`: the calls a choice made, once they are complete (Gemma 3's calls are recognized in
+  its text, `server/pipeline/tools.py`), followed by the choice's final `TextDelta`.
+Errors are raised as `server.errors.APIError`; the pipeline turns one raised mid-stream into the
+protocol's own error event. `Usage` counts as the events go; `ChoiceResult` is a whole choice, for
+answers that are not streamed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from server.engine.interface import TokenLogprob
+from server.pipeline.tools import ParsedCall
+
+
+@dataclass(slots=True)
+class TextDelta:
+    index: int  # the choice: prompt_index * n + choice, as in OpenAI's batched completions
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None
+
+
+@dataclass(slots=True)
+class ToolCalls:
+    index: int
+    calls: list[ParsedCall]
+
+
+Event = TextDelta | ToolCalls
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int = 0
+    image_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens the engine found in its prefix cache
+    completion_tokens_by_choice: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(self.completion_tokens_by_choice.values())
+
+    def add_completion(self, index: int, count: int) -> None:
+        self.completion_tokens_by_choice[index] = self.completion_tokens_by_choice.get(index, 0) + count
+
+
+@dataclass(slots=True)
+class ChoiceResult:
+    """One choice, whole: what a non-streamed answer is built from."""
+
+    index: int
+    text: str = ""
+    finish_reason: str | None = None
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    tool_calls: list[ParsedCall] = field(default_factory=list)
+
+    def add(self, event: Event) -> None:
+        if isinstance(event, ToolCalls):
+            self.tool_calls.extend(event.calls)
+            return
+        self.text += event.text
+        self.token_ids.extend(event.token_ids)
+        self.finish_reason = event.finish_reason or self.finish_reason
+        if event.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + event.logprobs

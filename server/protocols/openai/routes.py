@@ -1,0 +1,93 @@
+"""The OpenAI routes on the app: each parses its wire body, then hands it to its adapter and the pipeline.
+
+A route is a few lines: FastAPI validates the body against `wire.py` (a failure is an OpenAI 400,
+`validation.py`), the readiness dependency refuses work while the server loads or drains, the
+adapter builds the pipeline request and its encoder, and `Pipeline.respond` does the rest.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+
+from server.errors import NotFoundError
+from server.pipeline.pipeline import Pipeline
+from server.protocols.openai import tokenize as tokenizer_routes
+from server.protocols.openai.chat import ChatEncoder, chat_request
+from server.protocols.openai.completions import CompletionEncoder, completion_request
+from server.protocols.openai.wire import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    Completion,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+)
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 431, 500, 503)
+}
+STREAMED = {**ERROR_RESPONSES, 200: {"content": {"text/event-stream": {}}}}
+
+
+async def ready_pipeline(request: Request) -> Pipeline:
+    """The pipeline, once the server can serve (503 while loading, draining or after engine death)."""
+    # async: FastAPI runs a plain `def` dependency in a worker thread, one thread hop per request.
+    pipeline: Pipeline = request.app.state.gemma.require_ready()
+    return pipeline
+
+
+ReadyPipeline = Annotated[Pipeline, Depends(ready_pipeline)]
+router = APIRouter()
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletion, responses=STREAMED, tags=["chat"])
+async def chat_completions(body: ChatCompletionRequest, request: Request, pipeline: ReadyPipeline) -> Response:
+    return await pipeline.respond(chat_request(body), request, ChatEncoder(body, pipeline.model_name))
+
+
+@router.post("/v1/completions", response_model=Completion, responses=STREAMED, tags=["completions"])
+async def completions(body: CompletionRequest, request: Request, pipeline: ReadyPipeline) -> Response:
+    encoder = CompletionEncoder(body, pipeline.model_name, pipeline.tokenizer)
+    return await pipeline.respond(completion_request(body), request, encoder)
+
+
+@router.post("/tokenize", response_model=TokenizeResponse, responses=ERROR_RESPONSES, tags=["tokenizer"])
+async def tokenize(body: TokenizeRequest, pipeline: ReadyPipeline) -> Response:
+    return await tokenizer_routes.tokenize(body, pipeline)
+
+
+@router.post("/detokenize", response_model=DetokenizeResponse, responses=ERROR_RESPONSES, tags=["tokenizer"])
+async def detokenize(body: DetokenizeRequest, pipeline: ReadyPipeline) -> Response:
+    return await tokenizer_routes.detokenize(body, pipeline)
+
+
+@router.get("/v1/models", response_model=ModelList, tags=["models"])
+async def list_models(request: Request) -> dict[str, Any]:
+    return {"object": "list", "data": [_model_card(request)]}
+
+
+@router.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=ERROR_RESPONSES, tags=["models"])
+async def get_model(model_id: str, request: Request) -> dict[str, Any]:
+    card = _model_card(request)
+    if model_id != card["id"]:
+        raise NotFoundError(f"The model '{model_id}' does not exist", param="model", code="model_not_found")
+    return card
+
+
+def _model_card(request: Request) -> dict[str, Any]:
+    state = request.app.state.gemma
+    return {
+        "id": state.engine.model_name,
+        "object": "model",
+        "created": state.started_at,
+        "owned_by": "google",
+        "max_model_len": state.engine.max_model_len,
+    }
