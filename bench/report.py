@@ -220,7 +220,7 @@ def preprocess_table(results: dict[str, Any]) -> str:
         "|---|---:|",
     ]
     for name, label in [
-        ("decode", "base64 + PIL decode + EXIF + RGB (`server/media.py`)"),
+        ("decode", "base64 + PIL decode + EXIF + RGB (`server/media/images.py`)"),
         ("hash", "vLLM's blake3 content hash of the pixels"),
     ]:
         rows.append(f"| {label} | {steps[name]['cpu_ms']:.1f} ({steps[name]['wall_ms']:.1f}) |")

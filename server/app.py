@@ -3,8 +3,8 @@
 `create_app(settings)` returns a FastAPI app whose lifespan starts the engine in the background:
 `/health` answers at once (the process is alive), `/ready` says 503 until the engine has loaded and
 passed the self-test. If the engine fails to start, or dies later, `/ready` fails at once and
-`on_fatal` is called with the exit code (`server.lifecycle.ExitCode`) so the process can exit and
-the orchestrator restart it.
+`on_fatal` is told (`Fatal`) so the process can exit non-zero (`server/lifecycle.py` picks the code)
+and the orchestrator restart it.
 
 A request's path through the server:
 - middleware, outermost first (`server/edge/`): request metrics, request limits (header size and
@@ -20,6 +20,7 @@ Nothing is loaded at import time; the engine is injected (tests may pass their o
 from __future__ import annotations
 
 import asyncio
+import enum
 import gc
 import logging
 import time
@@ -37,7 +38,6 @@ from server.edge.limits import RequestLimitsMiddleware
 from server.edge.request_metrics import MetricsMiddleware
 from server.engine.interface import EngineClient
 from server.errors import APIError
-from server.lifecycle import ExitCode
 from server.media.images import ImageLoader
 from server.metrics import CONTENT_TYPE, Metrics
 from server.pipeline.admission import Admission, AdmissionCounts
@@ -50,7 +50,16 @@ from server.settings import Settings
 log = logging.getLogger(__name__)
 
 ENGINE_WATCH_INTERVAL_SECONDS = 1.0
-FatalHandler = Callable[[ExitCode, str], None]
+
+
+class Fatal(enum.Enum):
+    """What ends serving for good; the process's lifetime (`server/lifecycle.py`) picks the exit code."""
+
+    ENGINE_STARTUP_FAILED = "the engine failed to start"
+    ENGINE_DIED = "the engine died"
+
+
+FatalHandler = Callable[[Fatal, str], None]
 
 
 class AppState:
@@ -107,8 +116,8 @@ def _default_engine(settings: Settings) -> EngineClient:
     return VllmEngine(settings)
 
 
-def _log_fatal(code: ExitCode, reason: str) -> None:
-    log.critical("fatal: %s (exit code %d)", reason, code)
+def _log_fatal(fatal: Fatal, reason: str) -> None:
+    log.critical("fatal: %s (%s)", reason, fatal.value)
 
 
 def create_app(
@@ -191,7 +200,7 @@ async def _run_startup(state: AppState, starter: Callable[[], Awaitable[None]]) 
         reason = f"engine failed to start: {type(exc).__name__}: {exc}"
         state.startup_error = reason
         log.exception("engine failed to start")
-        state.on_fatal(ExitCode.ENGINE_STARTUP_FAILED, reason)
+        state.on_fatal(Fatal.ENGINE_STARTUP_FAILED, reason)
         return
     state.self_tested = True
     state.metrics.engine_ready.set(1)
@@ -209,7 +218,7 @@ async def _watch_engine(state: AppState) -> None:
         if state.engine.is_dead:
             state.metrics.engine_ready.set(0)
             state.startup_error = "the inference engine died"
-            state.on_fatal(ExitCode.ENGINE_DIED, "the inference engine died")
+            state.on_fatal(Fatal.ENGINE_DIED, "the inference engine died")
             return
 
 

@@ -29,8 +29,9 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import uvicorn
 
+from server.app import AppState, Fatal, create_app
+
 if TYPE_CHECKING:
-    from server.app import AppState
     from server.engine.interface import EngineClient
     from server.pipeline.admission import AdmissionCounts
     from server.settings import Settings
@@ -51,6 +52,9 @@ class ExitCode(enum.IntEnum):
     INVALID_CONFIGURATION = 2
     ENGINE_STARTUP_FAILED = 3  # the engine did not come up (or failed its self-test) in time
     ENGINE_DIED = 4
+
+
+EXIT_CODE_OF = {Fatal.ENGINE_STARTUP_FAILED: ExitCode.ENGINE_STARTUP_FAILED, Fatal.ENGINE_DIED: ExitCode.ENGINE_DIED}
 
 
 async def drain(state: AppState) -> None:
@@ -101,15 +105,13 @@ def run_server(
     process of `server.api_processes` passes its engine client, the shared listening socket, a
     server class that accepts from it and the admission counts shared with its siblings
     (`server/engine/api_processes.py`)."""
-    from server.app import create_app
-
     exit_code = ExitCode.OK
     server: DrainingServer | None = None
 
-    def on_fatal(code: ExitCode, reason: str) -> None:
+    def on_fatal(fatal: Fatal, reason: str) -> None:
         nonlocal exit_code
-        log.critical("%s: shutting down with exit code %d", reason, code)
-        exit_code = code
+        exit_code = EXIT_CODE_OF[fatal]
+        log.critical("%s: shutting down with exit code %d", reason, exit_code)
         if server is not None:
             server.should_exit = True
 

@@ -1,9 +1,9 @@
 """The narrow interface between serving logic and the inference engine, in plain Python types.
 
-Serving code (chat, completions) talks to an `EngineClient`: it hands over an `EnginePrompt`
+The pipeline (`server/pipeline/`) talks to an `EngineClient`: it hands over an `EnginePrompt`
 (token ids and decoded images) and `SamplingOptions`, and reads back `EngineStep`s. The vLLM
-implementation lives in `server/engine.py`, the only module that imports vLLM; tests of the serving
-logic can use any object with this shape.
+implementation is `server/engine/vllm_engine.py` (it and `api_processes.py` are the only importers
+of vLLM); tests of the pipeline can use any object with this shape.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The vLLM engine adapter: the module that talks to vLLM's engine (`server/api_processes.py` only launches it).
+"""The vLLM engine adapter: the module that talks to vLLM's engine (`api_processes.py` only launches it).
 
 It owns the engine's lifetime (`VllmEngine.start` / `shutdown`), turns our plain `SamplingOptions`
 into vLLM's `SamplingParams`, runs vLLM's multimodal processor on a rendered prompt (so vLLM expands

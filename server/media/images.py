@@ -3,7 +3,7 @@
 Everything here assumes hostile input.
 
 Fetching (`ImageLoader`): http and https only; every connection, redirect hops included, goes
-through `server/netguard.py` (no loopback/private/link-local/metadata targets unless configured,
+through `server/media/netguard.py` (no loopback/private/link-local/metadata targets unless configured,
 DNS resolved once and pinned); at most `images.max_redirects` hops; connect, read and total
 timeouts; the byte cap is enforced while streaming (and from Content-Length up front);
 compressed transfer encodings are refused (no gzip bombs); the Content-Type must be an image (or

@@ -14,7 +14,7 @@ so the response can say what was done (header `X-Gemma-Normalized`, see `NORMALI
   after the conversation started is moved to the front.
 - `tools-rendered`, `tool-calls-rendered`, `tool-results-folded`: tool definitions join the system
   text, assistant tool calls become the model's text, `tool` results become user turns
-  (`server/tools.py` owns their text).
+  (`server/pipeline/tools.py` owns their text).
 - `merged-user-turns` / `merged-assistant-turns`: consecutive turns of one role become one turn; their
   texts are joined with "\\n\\n", images keep their places.
 - `user-turn-inserted`: an empty user turn is put first when the conversation starts with the model

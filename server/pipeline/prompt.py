@@ -1,6 +1,6 @@
 """From a conversation's turns to Gemma 3's prompt, using the model's own chat template.
 
-`conversation_for_template` normalizes the validated messages (`server/normalize.py`: system folding,
+`conversation_for_template` normalizes the validated messages (`normalize.py`: system folding,
 merged turns, tool results) into the structure Gemma 3's template reads (text parts, and
 `{"type": "image"}` placeholders where the images go) and collects the image references in prompt
 order. `render_prompt` renders the checkpoint's template (transformers renders it in a sandboxed

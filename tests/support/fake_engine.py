@@ -6,8 +6,8 @@
   tools, logprobs) without vLLM.
 - `PacedEngine` (with `running_app`): no tokenizer, no model; every generated token is "tok " and
   takes `token_seconds`; `fail_after` makes generation raise after that many tokens (an engine error
-  mid-stream); `abort_all` ends running generations the way `server/engine.py` does. For what sits in
-  front of the engine: auth, CORS, limits, admission, drain, error shapes.
+  mid-stream); `abort_all` ends running generations the way `server/engine/vllm_engine.py` does.
+  For what sits in front of the engine: auth, CORS, limits, admission, drain, error shapes.
 
 The live tests never use these: they run the real engine.
 """

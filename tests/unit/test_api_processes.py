@@ -1,4 +1,4 @@
-"""The supervisor of several API processes (`server/api_processes.py`), with real child processes.
+"""The supervisor of several API processes (`server/engine/api_processes.py`), with real child processes.
 
 The children here are small stand-ins that behave as an API process does at its edges (drain on
 SIGTERM and exit 0; exit 4 when the supervisor's pipe closes), so the supervisor's decisions are

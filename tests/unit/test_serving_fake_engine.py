@@ -18,6 +18,14 @@ from asgi_lifespan import LifespanManager
 
 from server.app import create_app
 from server.engine.interface import SamplingOptions
+from server.protocols.openai.wire import (
+    ChatCompletion,
+    Completion,
+    DetokenizeResponse,
+    ErrorResponse,
+    ModelList,
+    TokenizeResponse,
+)
 from server.settings import Settings
 from tests.support.fake_engine import ScriptedEngine
 
@@ -195,6 +203,53 @@ async def test_completions_batch_echo_and_indices(served) -> None:  # type: igno
     stream = await client.completions.create(model="fake-gemma", prompt=[[2, 9259]], stream=True, max_tokens=5)
     texts = [c.choices[0].text async for c in stream if c.choices]
     assert "".join(texts) == " world"
+
+
+async def test_n_greedy_choices_run_as_n_engine_requests(served) -> None:  # type: ignore[no-untyped-def]
+    """OpenAI answers n > 1 at temperature 0 with n choices; vLLM refuses n > 1 when greedy, so the
+    pipeline runs n requests of one choice each."""
+    client, engine, script, _ = served
+    script.text = "Same answer"
+    before = len(engine.seen)
+    response = await client.chat.completions.create(model="fake-gemma", messages=USER, n=3, temperature=0)
+    assert [(c.index, c.message.content, c.finish_reason) for c in response.choices] == [
+        (i, "Same answer", "stop") for i in range(3)
+    ]
+    assert [options.n for options in engine.seen[before:]] == [1, 1, 1]
+    assert response.usage.completion_tokens == 3 * len(engine.tokenizer.encode("Same answer", add_special_tokens=False))
+    stream = await client.chat.completions.create(
+        model="fake-gemma", messages=USER, n=2, temperature=0, stream=True, stream_options={"include_usage": True}
+    )
+    texts: dict[int, str] = {0: "", 1: ""}
+    finishes: dict[int, list[str]] = {0: [], 1: []}
+    async for chunk in stream:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+            if choice.finish_reason:
+                finishes[choice.index].append(choice.finish_reason)
+    assert texts == {0: "Same answer", 1: "Same answer"} and finishes == {0: ["stop"], 1: ["stop"]}
+    batch = await client.completions.create(model="fake-gemma", prompt=["a", "b"], n=2, temperature=0, max_tokens=5)
+    assert [c.index for c in batch.choices] == [0, 1, 2, 3]
+    sampled = len(engine.seen)
+    await client.chat.completions.create(model="fake-gemma", messages=USER, n=2, temperature=0.7)
+    assert [options.n for options in engine.seen[sampled:]] == [2]  # sampled choices stay one request
+
+
+async def test_bodies_match_the_documented_response_models(served) -> None:  # type: ignore[no-untyped-def]
+    """What the server sends validates against the wire models the OpenAPI document is built from."""
+    _, _, script, http = served
+    script.text = "Hi"
+    chat = await http.post("/v1/chat/completions", json={"model": "fake-gemma", "messages": USER, "logprobs": True})
+    ChatCompletion.model_validate(chat.json())
+    completion = await http.post("/v1/completions", json={"model": "fake-gemma", "prompt": "x", "logprobs": 1})
+    Completion.model_validate(completion.json())
+    tokens = await http.post("/tokenize", json={"messages": USER})
+    TokenizeResponse.model_validate(tokens.json())
+    DetokenizeResponse.model_validate((await http.post("/detokenize", json={"tokens": [2, 9259]})).json())
+    ModelList.model_validate((await http.get("/v1/models")).json())
+    error = await http.post("/v1/chat/completions", json={"model": "fake-gemma", "messages": []})
+    assert error.status_code == 400
+    ErrorResponse.model_validate(error.json())
 
 
 async def test_request_field_policy(served) -> None:  # type: ignore[no-untyped-def]

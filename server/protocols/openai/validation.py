@@ -100,7 +100,7 @@ _logged_ignored_fields: set[str] = set()
 
 
 def check_request_fields(request: BaseModel) -> list[str]:
-    """Applies the policy on unknown top-level fields (see `server/protocol.py`).
+    """Applies the policy on unknown top-level fields (see `wire.py`).
 
     Returns the OpenAI fields that are accepted and ignored; raises a 400 naming any other unknown
     field, and for the OpenAI fields this server refuses.

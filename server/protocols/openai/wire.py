@@ -1,16 +1,17 @@
 """Wire types of the OpenAI-compatible API: what clients send, and (for the OpenAPI document) what
 they get back.
 
-Requests are validated by these pydantic models; responses are built as plain dicts in
-`server/responses.py` for speed and described here so `/openapi.json` documents them. This module
+Requests are validated by these pydantic models; responses are built as plain dicts by the adapters
+(`chat.py`, `completions.py`) for speed and described here so `/openapi.json` (committed as
+docs/openapi.json) documents them; the fast tests validate real bodies against them. This module
 imports neither vLLM nor FastAPI.
 
 Every request field is bounded (vLLM CVE-2026-34756 was an unbounded `n`); a field that fails
-validation becomes a 400 whose `param` names it (`server/validation.py`).
+validation becomes a 400 whose `param` names it (`validation.py`).
 
 Unknown fields: nested objects (messages, content parts, tools) keep unknown fields and ignore them.
 At the top level of a request the policy is OpenAI's own: a field that is neither implemented nor in
-`IGNORED_OPENAI_FIELDS` is refused with a 400 naming it (`server/validation.check_request_fields`),
+`IGNORED_OPENAI_FIELDS` is refused with a 400 naming it (`validation.check_request_fields`),
 so a typo such as `max_token` does not silently change the request.
 """
 
@@ -492,7 +493,7 @@ class DetokenizeRequest(_Wire):
     tokens: list[Annotated[int, Field(ge=0)]]
 
 
-# ---- responses (documentation; built as dicts in server/responses.py) -----------------------
+# ---- responses (documentation; built as dicts by the adapters) -----------------------
 
 
 class Usage(BaseModel):
