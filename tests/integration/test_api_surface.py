@@ -8,9 +8,9 @@ from __future__ import annotations
 import httpx
 import openai
 
-from tests.conftest import SERVED_MODEL
-from tests.integration.differential_cases import TALL_PNG, image
-from tests.integration.oracle_cases import RED_PNG, WIDE_PNG
+from tests.support.differential_cases import TALL_PNG, image
+from tests.support.live_server import SERVED_MODEL
+from tests.support.oracle_cases import RED_PNG, WIDE_PNG
 
 USER = [{"role": "user", "content": "Hi"}]
 
@@ -105,6 +105,17 @@ def test_detail_low_is_one_view_and_high_adds_pan_and_scan_crops(openai_client: 
         return response.usage.prompt_tokens_details.image_tokens  # type: ignore[union-attr]
 
     assert small("low") == small("high")  # too small for any crop
+
+
+def test_n_greedy_choices_are_n_copies_of_the_greedy_answer(openai_client: openai.OpenAI) -> None:
+    """Temperature 0 with n > 1: OpenAI returns n choices; vLLM would refuse (the pipeline runs n requests)."""
+    one = openai_client.chat.completions.create(model=SERVED_MODEL, messages=USER, max_tokens=6, temperature=0)
+    three = openai_client.chat.completions.create(model=SERVED_MODEL, messages=USER, max_tokens=6, temperature=0, n=3)
+    assert [c.index for c in three.choices] == [0, 1, 2]
+    assert {c.message.content for c in three.choices} == {one.choices[0].message.content}
+    assert three.usage is not None and one.usage is not None
+    assert three.usage.completion_tokens == 3 * one.usage.completion_tokens
+    assert three.usage.prompt_tokens == one.usage.prompt_tokens
 
 
 def test_n_choices_and_continuous_usage(openai_client: openai.OpenAI) -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import openai
 import pytest
 
-from tests.conftest import SERVED_MODEL
-from tests.integration.oracle_cases import BLUE_JPEG, RED_PNG, WIDE_PNG
 from tests.support.images import encode, jpeg_bytes, make_image
+from tests.support.live_server import SERVED_MODEL
+from tests.support.oracle_cases import BLUE_JPEG, RED_PNG, WIDE_PNG
 
 
 def _image(url: str, detail: str = "auto") -> dict:

@@ -1,6 +1,6 @@
 """Differential tests: this server against vLLM's own OpenAI server on the same tiny checkpoint.
 
-For every case of tests/integration/differential_cases.py both servers must return the same prompt
+For every case of tests/support/differential_cases.py both servers must return the same prompt
 token ids and, per choice, the same output token ids, text and finish reason, and logprobs equal
 within 1e-3. Cases are sent one at a time, so both engines see the same batch shapes. Where this
 server deliberately differs, the peer gets the request that spells out what this server does
@@ -17,8 +17,8 @@ import openai.types
 import openai.types.chat
 import pytest
 
-from tests.conftest import SERVED_MODEL
-from tests.integration.differential_cases import CASES, Case
+from tests.support.differential_cases import CASES, Case
+from tests.support.live_server import SERVED_MODEL
 from tests.support.sse import Outcome, call
 from tests.support.vllm_peer import VllmPeer
 

@@ -8,20 +8,10 @@ import json
 import httpx
 import pytest
 
-from tests.conftest import SERVED_MODEL
+from tests.support.chat_request import CHAT, GOOD, assert_healthy
 from tests.support.checks import assert_openai_error
-from tests.support.live_server import LiveServer
+from tests.support.live_server import SERVED_MODEL, LiveServer
 from tests.support.probes import peak_rss, raw_exchange
-
-CHAT = "/v1/chat/completions"
-GOOD = {"model": SERVED_MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
-
-
-def assert_healthy(base_url: str, headers: dict[str, str] | None = None) -> None:
-    """A normal request succeeds right after whatever the test did."""
-    response = httpx.post(base_url + CHAT, json=GOOD, headers=headers, timeout=120)
-    assert response.status_code == 200, response.text
-    assert response.json()["choices"][0]["finish_reason"] in ("length", "stop")
 
 
 def _post_raw(base_url: str, content: bytes, **headers: str) -> httpx.Response:

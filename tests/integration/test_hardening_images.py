@@ -12,12 +12,11 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.conftest import SERVED_MODEL
-from tests.integration.test_hardening_http import CHAT, assert_healthy
+from tests.support.chat_request import CHAT, assert_healthy
 from tests.support.checks import assert_openai_error
 from tests.support.image_host import ImageHost
 from tests.support.images import animated_gif, data_uri, encode, make_image, png_bomb
-from tests.support.live_server import LiveServer
+from tests.support.live_server import SERVED_MODEL, LiveServer
 from tests.support.probes import peak_rss
 
 PARAM = "messages[0].content[1].image_url"

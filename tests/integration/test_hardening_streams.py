@@ -8,9 +8,8 @@ from collections.abc import Callable
 
 import httpx
 
-from tests.conftest import SERVED_MODEL
-from tests.integration.test_hardening_http import CHAT, assert_healthy
-from tests.support.live_server import LiveServer
+from tests.support.chat_request import CHAT, assert_healthy
+from tests.support.live_server import SERVED_MODEL, LiveServer
 from tests.support.probes import metric, rss_mb, wait_for
 
 DROPS = 50

@@ -8,7 +8,7 @@ import time
 
 import httpx
 
-from tests.conftest import SERVED_MODEL
+from tests.support.live_server import SERVED_MODEL
 from tests.support.probes import metric
 
 

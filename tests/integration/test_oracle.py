@@ -5,8 +5,8 @@ from __future__ import annotations
 import openai
 import pytest
 
-from tests.conftest import SERVED_MODEL
-from tests.integration.oracle_cases import CASES
+from tests.support.live_server import SERVED_MODEL
+from tests.support.oracle_cases import CASES
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case["name"] for case in CASES])

@@ -9,8 +9,8 @@ import json
 import httpx
 import pytest
 
-from tests.conftest import SERVED_MODEL
 from tests.support.bad_requests import BAD_CHAT_FIELDS, BAD_CHAT_FIELDS_SERVER_ONLY, BAD_COMPLETION_FIELDS
+from tests.support.live_server import SERVED_MODEL
 
 CHAT = {"model": SERVED_MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
 GOOD = {**CHAT, "temperature": 0}
@@ -83,7 +83,7 @@ def test_schemas_the_grammar_compiler_refuses_are_400s(base_url: str) -> None:
 
 
 def test_too_many_images_is_a_400(base_url: str) -> None:
-    from tests.integration.oracle_cases import RED_PNG
+    from tests.support.oracle_cases import RED_PNG
 
     parts = [{"type": "image_url", "image_url": {"url": RED_PNG}}] * 9  # images.max_per_request is 8
     body = {**CHAT, "messages": [{"role": "user", "content": parts}]}

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from tests.conftest import SERVED_MODEL
-from tests.integration.differential_cases import CHAT_CASES, Case
+from tests.support.differential_cases import CHAT_CASES, Case
+from tests.support.live_server import SERVED_MODEL
 from tests.support.sse import call
 
 

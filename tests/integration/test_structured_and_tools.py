@@ -15,7 +15,7 @@ import jsonschema
 import openai
 import pytest
 
-from tests.conftest import SERVED_MODEL
+from tests.support.live_server import SERVED_MODEL
 
 USER = [{"role": "user", "content": "What's the weather like?"}]
 WEATHER_PARAMETERS = {

@@ -19,6 +19,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_CONFIG = ROOT / "config" / "tiny.yaml"
+SERVED_MODEL = "tiny-gemma3"  # the served model name of config/tiny.yaml
 STARTUP_TIMEOUT_SECONDS = 900  # a busy shared 2-core machine has needed more than 420 s
 
 

@@ -1,7 +1,7 @@
 """The behavioural oracle: vLLM's offline `LLM.chat` on the same checkpoint and engine settings.
 
 Run as a script (`python -m tests.support.offline_oracle OUT.json`), it answers every case of
-`tests/integration/oracle_cases.py` greedily and writes the prompt and output token ids. The server
+`tests/support/oracle_cases.py` greedily and writes the prompt and output token ids. The server
 must produce exactly the same ids for the same messages.
 """
 
@@ -17,8 +17,8 @@ def main(out_path: str) -> None:
 
     from server.engine.vllm_engine import engine_args_from_settings
     from server.settings import load_settings
-    from tests.integration.oracle_cases import CASES
     from tests.support.live_server import TINY_CONFIG
+    from tests.support.oracle_cases import CASES
 
     started = time.monotonic()
     settings = load_settings(TINY_CONFIG)  # with the live server's environment (pan-and-scan on)

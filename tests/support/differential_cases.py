@@ -17,8 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from tests.integration.oracle_cases import BLUE_JPEG, RED_PNG, WIDE_PNG
 from tests.support.images import data_uri, encode, make_image
+from tests.support.oracle_cases import BLUE_JPEG, RED_PNG, WIDE_PNG
 
 TALL_PNG = data_uri(encode(make_image(300, 1000, (120, 30, 160)), "PNG"))
 ALLWINDOWS_TOKEN = 124415  # the tiny model's favourite first token

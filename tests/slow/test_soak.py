@@ -15,12 +15,11 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import SERVED_MODEL
-from tests.integration.test_hardening_http import CHAT
+from tests.support.chat_request import CHAT
 from tests.support.checks import sse_events
 from tests.support.image_host import ImageHost
 from tests.support.images import data_uri, encode, make_image
-from tests.support.live_server import LiveServer
+from tests.support.live_server import SERVED_MODEL, LiveServer
 from tests.support.probes import MB, rss_mb
 
 REQUESTS = 2000

@@ -19,9 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis.generation.modes import GenerationMode
 
-from tests.conftest import SERVED_MODEL
 from tests.support.checks import assert_error_object
-from tests.support.live_server import LiveServer
+from tests.support.live_server import SERVED_MODEL, LiveServer
 
 EXAMPLES = {GenerationMode.POSITIVE: 200, GenerationMode.NEGATIVE: 150}
 MAX_FUZZ_TOKENS = 4

@@ -1,4 +1,4 @@
-"""Faults, on sacrificial live servers (see `SacrificialServers` in conftest): API keys and CORS as
+"""Faults, on sacrificial live servers (see `SacrificialServers` in tests/support/live_plugin.py): API keys and CORS as
 configured, overload past the admission bound, a client leaving while queued, SIGTERM with streams in
 flight (the "drain" server); two API processes sharing one engine core, then that engine core killed
 (the "engine_death" server, which runs `server.api_processes: 2`).
@@ -25,21 +25,20 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import (
+from tests.support.chat_request import CHAT, assert_healthy
+from tests.support.checks import assert_error_object, assert_openai_error, sse_events
+from tests.support.image_host import ImageHost
+from tests.support.images import encode, make_image, png_data_uri
+from tests.support.live_plugin import (
     FAULT_CAPACITY,
     FAULT_DRAIN_SECONDS,
     FAULT_KEY_ENV,
     FAULT_KEY_FILE,
     FAULT_MAX_MODEL_LEN,
     FAULT_ORIGIN,
-    SERVED_MODEL,
     SacrificialServers,
 )
-from tests.integration.test_hardening_http import CHAT, assert_healthy
-from tests.support.checks import assert_error_object, assert_openai_error, sse_events
-from tests.support.image_host import ImageHost
-from tests.support.images import encode, make_image, png_data_uri
-from tests.support.live_server import LiveServer
+from tests.support.live_server import SERVED_MODEL, LiveServer
 from tests.support.probes import metric, metric_in, rss_mb, wait_for
 
 KEY = {"Authorization": f"Bearer {FAULT_KEY_ENV}"}
