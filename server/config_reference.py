@@ -1,9 +1,10 @@
-"""Generates the README's configuration reference from the settings' own field descriptions.
+"""Generates docs/configuration.md's table from the settings' own field descriptions.
 
     python -m server.config_reference            # print the markdown
-    python -m server.config_reference --write README.md
+    python -m server.config_reference --write    # rewrite the table in docs/configuration.md
 
-A unit test fails when the README's table is out of date.
+`--write FILE` rewrites the table between the markers in another file. A unit test fails when
+docs/configuration.md's table is out of date.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from server.settings import ENV_PREFIX, Settings
 
 START = "<!-- config-reference:start -->"
 END = "<!-- config-reference:end -->"
+DEFAULT_PATH = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
 
 
 def reference_markdown() -> str:
@@ -38,17 +40,24 @@ def reference_markdown() -> str:
     return "\n".join(lines)
 
 
-def updated_readme(text: str) -> str:
+def updated_document(text: str) -> str:
+    """`text` with the generated table between its markers."""
     start, end = text.index(START) + len(START), text.index(END)
     return text[:start] + "\n" + reference_markdown() + "\n" + text[end:]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--write", type=Path, help="replace the table in this file")
+    parser.add_argument(
+        "--write",
+        type=Path,
+        nargs="?",
+        const=DEFAULT_PATH,
+        help="replace the table in this file (default: docs/configuration.md)",
+    )
     args = parser.parse_args()
     if args.write:
-        args.write.write_text(updated_readme(args.write.read_text()))
+        args.write.write_text(updated_document(args.write.read_text()))
     else:
         print(reference_markdown())
 
