@@ -125,7 +125,6 @@ BAD_CHAT_FIELDS_SERVER_ONLY: list[tuple[str, dict[str, Any], str]] = [
     ("logit_bias_out_of_vocabulary", {"logit_bias": {"999999999": 5}}, "logit_bias"),
     ("stop_token_ids_out_of_vocabulary", {"stop_token_ids": [10**8]}, "stop_token_ids"),
     ("min_tokens_over_max_tokens", {"min_tokens": 10, "max_tokens": 5}, "min_tokens"),
-    ("n_with_greedy_decoding", {"n": 2, "temperature": 0}, "n"),
     (
         "response_format_with_required_tool",
         {"tools": [_TOOL], "tool_choice": "required", "response_format": {"type": "json_object"}},
