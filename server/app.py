@@ -9,9 +9,9 @@ and the orchestrator restart it.
 A request's path through the server:
 - middleware, outermost first (`server/edge/`): request metrics, request limits (header size and
   count, body size), CORS (only if origins are configured), API keys;
-- a protocol's routes (`server/protocols/openai/routes.py`) parse the wire request and hand it to the
-  one pipeline (`server/pipeline/pipeline.py`): admission, Gemma 3 normalization, images, prompt,
-  engine, events, the protocol's answer;
+- a protocol's routes (`server/protocols/openai/`, `server/protocols/anthropic/`) parse the wire
+  request and hand it to the one pipeline (`server/pipeline/pipeline.py`): admission, Gemma 3
+  normalization, images, prompt, engine, events, the protocol's answer;
 - every error, wherever it is raised, is written by `server/errors.py`.
 
 Nothing is loaded at import time; the engine is injected (tests may pass their own).
@@ -42,8 +42,9 @@ from server.media.images import ImageLoader
 from server.metrics import CONTENT_TYPE, Metrics
 from server.pipeline.admission import Admission, AdmissionCounts
 from server.pipeline.pipeline import Pipeline
+from server.protocols.anthropic import routes as anthropic_routes
 from server.protocols.openai import routes as openai_routes
-from server.protocols.openai.validation import validation_error_to_api_error
+from server.protocols.validation import validation_error_to_api_error
 from server.selftest import run_self_test
 from server.settings import Settings
 
@@ -160,6 +161,7 @@ def create_app(
     _install_error_handlers(app)
     _add_probes(app, state)
     app.include_router(openai_routes.router)
+    app.include_router(anthropic_routes.router)
     return app
 
 

@@ -19,8 +19,9 @@ This module must not import vLLM or FastAPI's routing.
 from __future__ import annotations
 
 import re
+import uuid
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import orjson
 from starlette.responses import Response
@@ -195,26 +196,67 @@ class ErrorFormat:
     def sse_event(self, error: APIError) -> bytes:
         return b"data: " + self.body(error) + b"\n\n"
 
+    def headers(self) -> dict[str, str]:
+        return {}
+
+
+class AnthropicErrorFormat(ErrorFormat):
+    """Anthropic's: `{"type": "error", "error": {"type", "message"}}`, the type chosen by status as its
+    SDKs map them to exception classes; an SSE `event: error`."""
+
+    TYPE_BY_STATUS: ClassVar[dict[int, str]] = {
+        400: "invalid_request_error",
+        401: "authentication_error",
+        403: "permission_error",
+        404: "not_found_error",
+        413: "request_too_large",
+        429: "rate_limit_error",
+        503: "overloaded_error",
+        529: "overloaded_error",
+    }
+
+    def body(self, error: APIError) -> bytes:
+        kind = self.TYPE_BY_STATUS.get(error.status_code)
+        if kind is None:
+            kind = "invalid_request_error" if error.status_code < 500 else "api_error"
+        message = (
+            f"{error.param}: {error.message}" if error.param and error.param not in error.message else error.message
+        )
+        return orjson.dumps({"type": "error", "error": {"type": kind, "message": message}})
+
+    def sse_event(self, error: APIError) -> bytes:
+        return b"event: error\ndata: " + self.body(error) + b"\n\n"
+
+    def headers(self) -> dict[str, str]:
+        return {"request-id": f"req_{uuid.uuid4().hex[:24]}"}
+
 
 OPENAI = ErrorFormat()
+ANTHROPIC = AnthropicErrorFormat()
+ANTHROPIC_PATH_PREFIX = "/v1/messages"
 
 
 def format_for_path(path: str) -> ErrorFormat:
-    """The error shape of the protocol served at `path` (for errors raised before a route runs)."""
+    """The error shape of the protocol served at `path` (also for errors raised before a route runs:
+    a refused key, a body over the limit)."""
+    if path == ANTHROPIC_PATH_PREFIX or path.startswith(ANTHROPIC_PATH_PREFIX + "/"):
+        return ANTHROPIC
     return OPENAI
 
 
 def response(error: APIError, *, path: str = "", extra_headers: Mapping[str, str] | None = None) -> Response:
-    headers = {**error.headers, **(extra_headers or {})}
-    body = format_for_path(path).body(error)
+    shape = format_for_path(path)
+    headers = {**shape.headers(), **error.headers, **(extra_headers or {})}
+    body = shape.body(error)
     return Response(body, status_code=error.status_code, media_type="application/json", headers=headers)
 
 
 def raw_response(error: APIError, *, path: str = "", close: bool = False) -> tuple[list[tuple[bytes, bytes]], bytes]:
     """Headers and body for code below Starlette's responses (the HTTP protocol, ASGI middleware)."""
-    body = format_for_path(path).body(error)
+    shape = format_for_path(path)
+    body = shape.body(error)
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    headers += [(name.lower().encode(), value.encode()) for name, value in error.headers.items()]
+    headers += [(name.lower().encode(), value.encode()) for name, value in {**shape.headers(), **error.headers}.items()]
     if close:
         headers.append((b"connection", b"close"))
     return headers, body

@@ -43,6 +43,23 @@ class ModelSettings(_Section):
         "(development and CI only).",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    aliases: dict[str, str] = Field(
+        {},
+        description="Other model names clients may send, each mapped to `served_name` (e.g. the Claude "
+        'model names Claude Code asks for: {"claude-sonnet-4-5": "gemma-3-4b-it"}). Every route, every protocol.',
+    )
+    accept_any_name: bool = Field(
+        False,
+        description="Serve a request for any model name with the served model. Off: a name that is neither "
+        "`served_name` nor an alias gets 404 (model_not_found / not_found_error).",
+    )
+
+    @model_validator(mode="after")
+    def _aliases_name_the_served_model(self) -> ModelSettings:
+        wrong = sorted(alias for alias, target in self.aliases.items() if target != self.served_name)
+        if wrong:
+            raise ValueError(f"model.aliases {wrong} must map to model.served_name ({self.served_name!r})")
+        return self
 
     @property
     def resolved_path(self) -> str:
@@ -164,6 +181,13 @@ class ServerSettings(_Section):
         None,
         ge=1,
         description="max_tokens when a request sets none (None: the rest of the context).",
+    )
+    max_tokens_cap: int | None = Field(
+        None,
+        ge=1,
+        description="Most completion tokens one request may get: a larger max_tokens is clamped to it "
+        "(the answer then ends with finish_reason length / stop_reason max_tokens). None: no cap beyond "
+        "the context.",
     )
     engine_startup_timeout_seconds: float = Field(
         1800, gt=0, description="Give up (and exit non-zero) if the engine is not up by then."

@@ -8,7 +8,8 @@ configured file that is empty still turns it on (fail closed).
 `AuthMiddleware` decides on the route the request will actually be dispatched to: it runs the
 app's own route matching on the request's path (never on a URL rebuilt from the Host header).
 Only `/health`, `/ready` and (if `auth.metrics_public`) `/metrics` answer without a key; every other
-route, and every path no route matches, needs `Authorization: Bearer <key>`. The presented key is
+route, and every path no route matches, needs `Authorization: Bearer <key>` (or `x-api-key: <key>`,
+as Anthropic's clients send it). The presented key is
 hashed and compared with every configured key's hash by `hmac.compare_digest`, without stopping at
 the first match: neither its content nor its length changes the timing.
 
@@ -97,14 +98,15 @@ class ApiKeys:
         return accepted
 
 
-def bearer_token(headers: Headers) -> str | None:
+def presented_key(headers: Headers) -> str | None:
+    """The key from `Authorization: Bearer <key>` (OpenAI's SDKs) or `x-api-key: <key>` (Anthropic's)."""
     value = headers.get("authorization")
-    if value is None:
-        return None
-    scheme, _, token = value.strip().partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        return None
-    return token.strip()
+    if value is not None:
+        scheme, _, token = value.strip().partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
+    api_key = headers.get("x-api-key", "").strip()
+    return api_key or None
 
 
 def public_paths(settings: AuthSettings) -> frozenset[str]:
@@ -139,7 +141,7 @@ class AuthMiddleware:
         if self.route_path(scope) in self.public:
             await self.app(scope, receive, send)
             return
-        token = bearer_token(Headers(scope=scope))
+        token = presented_key(Headers(scope=scope))
         if token is not None and self.keys.accepts(token):
             await self.app(scope, receive, send)
             return
@@ -147,7 +149,7 @@ class AuthMiddleware:
             await send({"type": "websocket.close", "code": 1008})
             return
         message = (
-            "Missing API key: send it as 'Authorization: Bearer <key>'"
+            "Missing API key: send it as 'Authorization: Bearer <key>' or 'x-api-key: <key>'"
             if token is None
             else "Incorrect API key provided"
         )
@@ -174,7 +176,7 @@ def cors_options(settings: AuthSettings) -> dict[str, object]:
         "allow_origins": list(settings.cors_allow_origins),
         "allow_methods": ["GET", "POST", "OPTIONS"],
         "allow_headers": ["*"],  # the OpenAI SDKs send many x-stainless-* headers
-        "expose_headers": ["Retry-After", NORMALIZED_HEADER],  # readable by browser code
+        "expose_headers": ["Retry-After", NORMALIZED_HEADER, "request-id"],  # readable by browser code
         "allow_credentials": False,
         "max_age": 600,
     }

@@ -52,16 +52,17 @@ class RequestLimitsMiddleware:
         headers: list[tuple[bytes, bytes]] = scope["headers"]
         size = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"")
         size += sum(len(name) + len(value) + 4 for name, value in headers)
+        path = scope.get("path", "")  # the error's shape is the protocol's served there
         error = _headers_error(self.max_header_bytes, self.max_header_count, count=len(headers), size=size)
         if error is not None:
-            await send_error(send, error)
+            await send_error(send, error, path)
             return
         lengths = {value.strip() for name, value in headers if name == b"content-length"}
         if len(lengths) > 1 or any(not length.isdigit() for length in lengths):
-            await send_error(send, BadRequestError("the Content-Length header is invalid"))
+            await send_error(send, BadRequestError("the Content-Length header is invalid"), path)
             return
         if lengths and int(next(iter(lengths))) > self.max_body_bytes:
-            await send_error(send, self._too_large())
+            await send_error(send, self._too_large(), path)
             return
         await _LimitedBody(self, receive, send).run(scope)
 
@@ -77,11 +78,13 @@ class _LimitedBody:
         self.owner = owner
         self._receive = receive
         self._send = send
+        self.path = ""
         self.received = 0
         self.rejected = False
         self.response_started = False
 
     async def run(self, scope: Scope) -> None:
+        self.path = scope.get("path", "")
         await self.owner.app(scope, self.receive, self.send)
 
     async def receive(self) -> Message:
@@ -94,7 +97,7 @@ class _LimitedBody:
                 self.rejected = True
                 if not self.response_started:
                     self.response_started = True
-                    await send_error(self._send, self.owner._too_large())
+                    await send_error(self._send, self.owner._too_large(), self.path)
                 return {"type": "http.disconnect"}
         return message
 

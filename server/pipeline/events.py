@@ -25,6 +25,7 @@ class TextDelta:
     token_ids: list[int]
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None
+    stop_reason: int | str | None = None  # with finish "stop": the stop string (or token id) that matched
 
 
 @dataclass(slots=True)
@@ -58,6 +59,7 @@ class ChoiceResult:
     index: int
     text: str = ""
     finish_reason: str | None = None
+    stop_reason: int | str | None = None
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
     tool_calls: list[ParsedCall] = field(default_factory=list)
@@ -68,6 +70,7 @@ class ChoiceResult:
             return
         self.text += event.text
         self.token_ids.extend(event.token_ids)
-        self.finish_reason = event.finish_reason or self.finish_reason
+        if event.finish_reason is not None:
+            self.finish_reason, self.stop_reason = event.finish_reason, event.stop_reason
         if event.logprobs is not None:
             self.logprobs = (self.logprobs or []) + event.logprobs

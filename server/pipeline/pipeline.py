@@ -169,7 +169,11 @@ class Run:
             index = job.first_choice + delta.index
             self.usage.add_completion(index, len(delta.token_ids))
             if not self.plan.active:
-                events.append(TextDelta(index, delta.text, delta.token_ids, delta.logprobs, delta.finish_reason))
+                events.append(
+                    TextDelta(
+                        index, delta.text, delta.token_ids, delta.logprobs, delta.finish_reason, delta.stop_reason
+                    )
+                )
                 continue
             extractor = self._extractors.get(index)
             if extractor is None:
@@ -180,7 +184,11 @@ class Run:
                 continue
             rest, calls = extractor.finish()
             if not calls:
-                events.append(TextDelta(index, text + rest, delta.token_ids, delta.logprobs, delta.finish_reason))
+                events.append(
+                    TextDelta(
+                        index, text + rest, delta.token_ids, delta.logprobs, delta.finish_reason, delta.stop_reason
+                    )
+                )
                 continue
             content = text + rest if rest.strip() else text
             events.append(TextDelta(index, content, delta.token_ids, delta.logprobs))
@@ -222,11 +230,13 @@ class Pipeline:
     def tokenizer(self) -> Any:
         return self.engine.tokenizer
 
-    def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.engine.model_name:
-            raise ModelNotFoundError(
-                f"The model '{model}' does not exist; this server serves '{self.engine.model_name}'.", param="model"
-            )
+    def check_model(self, model: str | None) -> str:
+        """The served model a request's `model` names (itself, an alias, or any name if configured)."""
+        served = self.engine.model_name
+        settings = self.settings.model
+        if model is None or model == served or model in settings.aliases or settings.accept_any_name:
+            return served
+        raise ModelNotFoundError(f"The model '{model}' does not exist; this server serves '{served}'.", param="model")
 
     # ---- the whole request ----------------------------------------------------------------
 
@@ -306,6 +316,7 @@ class Pipeline:
             image_tokens=prompt.prepared.num_image_tokens,
             max_model_len=self.engine.max_model_len,
             default_max_tokens=self.settings.server.default_max_tokens,
+            max_tokens_cap=self.settings.server.max_tokens_cap,
             prompt_param=prompt.param,
         )
         json_schema, json_object = plan.constraint, False

@@ -29,8 +29,15 @@ def max_tokens_for(
     max_model_len: int,
     default_max_tokens: int | None,
     prompt_param: str,
+    max_tokens_cap: int | None = None,
 ) -> int:
-    """The completion budget; a 400 when the prompt plus the request cannot fit the context."""
+    """The completion budget; a 400 when the prompt plus the request cannot fit the context.
+
+    `max_tokens_cap` (the operator's): a larger request is clamped to it, so the answer ends at the
+    cap with the protocol's "length" reason; a request without a limit gets at most the cap too."""
+    if max_tokens_cap is not None:
+        requested = min(requested, max_tokens_cap) if requested is not None else None
+        default_max_tokens = min(default_max_tokens or max_tokens_cap, max_tokens_cap)
     if requested is not None and requested >= max_model_len:
         raise BadRequestError(
             f"{requested_param} is too large: {requested}. This model's maximum context length is "

@@ -1,4 +1,5 @@
-"""Assertions shared by the hardening tests: every error is OpenAI-shaped, sanitized and small."""
+"""Assertions shared by the hardening tests: every error is in its protocol's shape (OpenAI's or
+Anthropic's), sanitized and small."""
 
 from __future__ import annotations
 
@@ -27,6 +28,19 @@ def assert_error_object(body: Any, code: str | None = None) -> dict[str, Any]:
     assert not _LEAKS.search(error["message"]), error["message"]
     if code is not None:
         assert error["code"] == code, error
+    return dict(error)
+
+
+def assert_anthropic_error(response: Any, status: int, kind: str) -> dict[str, Any]:
+    """An Anthropic-shaped error: `{"type": "error", "error": {"type", "message"}}`, with a request-id."""
+    assert response.status_code == status, (response.status_code, response.text[:500])
+    assert len(response.content) <= MAX_ERROR_BODY_BYTES, len(response.content)
+    body = response.json()
+    assert set(body) == {"type", "error"} and body["type"] == "error", body
+    error = body["error"]
+    assert set(error) == {"type", "message"} and error["type"] == kind, error
+    assert not _LEAKS.search(error["message"]), error["message"]
+    assert response.headers.get("request-id", "").startswith("req_"), response.headers
     return dict(error)
 
 

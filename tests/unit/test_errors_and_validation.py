@@ -6,8 +6,8 @@ from pydantic import ValidationError
 
 from server import errors
 from server.errors import BadRequestError, RateLimitError, sanitize_message
-from server.protocols.openai.validation import validation_error_to_api_error
 from server.protocols.openai.wire import ChatCompletionRequest
+from server.protocols.validation import validation_error_to_api_error
 
 
 def test_error_body_has_openai_shape() -> None:

@@ -18,7 +18,12 @@ from fastapi.routing import APIRoute
 import server.edge.auth as auth
 from server.lifecycle import drain
 from server.settings import load_settings
-from tests.support.checks import assert_openai_error, assert_stream_ends_with_error_then_done, sse_events
+from tests.support.checks import (
+    assert_anthropic_error,
+    assert_openai_error,
+    assert_stream_ends_with_error_then_done,
+    sse_events,
+)
 from tests.support.fake_engine import MODEL, PacedEngine, fake_settings, running_app
 
 KEY = "sk-test-0123456789abcdef"
@@ -67,6 +72,8 @@ async def test_walk_every_route_only_probes_answer_without_a_key(metrics_public:
                 assert anonymous.status_code != 401, (method, path)
             elif method == "HEAD":
                 assert anonymous.status_code == 401, path  # no body to check
+            elif template.startswith("/v1/messages"):  # Anthropic's routes answer in Anthropic's shape
+                assert_anthropic_error(anonymous, 401, "authentication_error")
             else:
                 error = assert_openai_error(anonymous, 401, "invalid_api_key")
                 assert anonymous.headers["www-authenticate"] == "Bearer", (method, path)

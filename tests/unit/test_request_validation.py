@@ -11,8 +11,9 @@ from pydantic import BaseModel, ValidationError
 
 from server.errors import BadRequestError, ContextLengthExceededError
 from server.pipeline.sampling import max_tokens_for
-from server.protocols.openai.validation import check_request_fields, validation_error_to_api_error
+from server.protocols.openai.validation import check_request_fields
 from server.protocols.openai.wire import ChatCompletionRequest, CompletionRequest, TokenizeRequest
+from server.protocols.validation import validation_error_to_api_error
 from tests.support.bad_requests import BAD_CHAT_FIELDS, BAD_COMPLETION_FIELDS
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "Hi"}]}

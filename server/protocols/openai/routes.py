@@ -7,13 +7,12 @@ adapter builds the pipeline request and its encoder, and `Pipeline.respond` does
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from server.errors import NotFoundError
-from server.pipeline.pipeline import Pipeline
 from server.protocols.openai import tokenize as tokenizer_routes
 from server.protocols.openai.chat import ChatEncoder, chat_request
 from server.protocols.openai.completions import CompletionEncoder, completion_request
@@ -30,6 +29,7 @@ from server.protocols.openai.wire import (
     TokenizeRequest,
     TokenizeResponse,
 )
+from server.protocols.ready import ReadyPipeline
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 431, 500, 503)
@@ -37,14 +37,6 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 STREAMED = {**ERROR_RESPONSES, 200: {"content": {"text/event-stream": {}}}}
 
 
-async def ready_pipeline(request: Request) -> Pipeline:
-    """The pipeline, once the server can serve (503 while loading, draining or after engine death)."""
-    # async: FastAPI runs a plain `def` dependency in a worker thread, one thread hop per request.
-    pipeline: Pipeline = request.app.state.gemma.require_ready()
-    return pipeline
-
-
-ReadyPipeline = Annotated[Pipeline, Depends(ready_pipeline)]
 router = APIRouter()
 
 

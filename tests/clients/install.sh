@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Installs the agent clients the live tests drive (tests/clients/package-lock.json, from the npm
+# registry): Claude Code. Its native binary comes inside the registry package
+# @anthropic-ai/claude-code-linux-x64; the install script only links it into place.
+# Idempotent; `make test-clients` (a prerequisite of `make test` and `make test-live`) calls it.
+set -euo pipefail
+cd "$(dirname "$0")"
+if [ ! -f node_modules/.package-lock.json ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
+    npm ci --no-audit --no-fund --loglevel=error
+fi
+node_modules/.bin/claude --version
