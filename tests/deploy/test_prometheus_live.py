@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import time
@@ -187,7 +188,9 @@ def scraped(prometheus: Prometheus, live_server: LiveServer, image_host: Any) ->
             break
         assert time.monotonic() < deadline, f"no scrape after the traffic:\n{prometheus.log.read_text()}"
         time.sleep(0.5)
-    prometheus.at = float(result[0]["value"][1]) + 3  # rules evaluate every second: three have run since
+    # Rules evaluate every second: three have run since. Milliseconds, as Prometheus keeps time, so
+    # that the raw samples' windows computed here are the ones Prometheus used.
+    prometheus.at = round(float(result[0]["value"][1]) + 3, 3)
     time.sleep(max(0.0, prometheus.at + 1 - time.time()))
     return prometheus
 
@@ -217,18 +220,158 @@ def value_of(prometheus: Prometheus, expr: str) -> float:
 
 
 def test_dashboard_numbers_reflect_the_traffic(scraped: Prometheus) -> None:
-    """Not just series: the traffic just sent shows up as numbers where it must."""
+    """Not just series: the traffic just sent shows up as numbers where it must. (No bound on how
+    fast the server was: that is this machine's load, not the dashboard's correctness.)"""
     by_title = {title: expr for title, expr in dashboard_targets(load_json(DASHBOARD))}
     assert value_of(scraped, grafana_expr_to_promql(by_title["API requests / s"])) > 0
     assert value_of(scraped, grafana_expr_to_promql(by_title["Ready replicas"])) == 1
     ttft = value_of(scraped, grafana_expr_to_promql(by_title["TTFT p99"]))
-    assert math.isfinite(ttft) and 0 < ttft < 60
+    assert math.isfinite(ttft) and ttft > 0
     statuses = {r["metric"]["status"] for r in scraped.query(grafana_expr_to_promql(by_title["Errors by status"]))}
     assert {"400", "404"} <= statuses
     sources = {r["metric"]["source"] for r in scraped.query(grafana_expr_to_promql(by_title["Images / s"]))}
     assert sources == {"data", "url"}
     generated = scraped.query("sum(increase(vllm:generation_tokens_total[1m]))")
     assert float(generated[0]["value"][1]) > 0
+
+
+# ---- each panel's number, recomputed from the raw series ----------------------------------------
+#
+# The dashboard's queries take few shapes: an aggregation (sum or max, maybe by labels) of a gauge or
+# of rate(counter[range]), a ratio of two such sums (the numerator maybe `or vector(0)`), and
+# histogram_quantile over a sum by (le) of bucket rates. Each is recomputed here from the raw samples
+# Prometheus holds at the same evaluation time (the gauge's latest sample; the counter's samples in
+# the range window), with rate's extrapolation and histogram_quantile's interpolation as Prometheus
+# 2.x implements them (promql/functions.go extrapolatedRate, promql/quantile.go bucketQuantile). A
+# panel that selects the wrong metric, labels, window, grouping or quantile disagrees.
+
+Series = dict[frozenset[tuple[str, str]], float]
+SELECTOR = r"[\w:]+\{[^}]*\}"
+AGGREGATION = re.compile(
+    rf"(?P<op>sum|max)(?: by \((?P<by>[\w, ]+)\) )?"
+    rf"\((?:rate\((?P<counter>{SELECTOR})\[(?P<range>\d+[sm])\]\)|(?P<gauge>{SELECTOR}))\)"
+)
+
+
+def _labels(metric: dict[str, str], by: list[str]) -> frozenset[tuple[str, str]]:
+    return frozenset((name, metric[name]) for name in by if name in metric)
+
+
+def _extrapolated_rate(points: list[tuple[int, float]], start_ms: int, end_ms: int) -> float | None:
+    """rate() of one counter series from its samples in the window ending at end_ms (as Prometheus 2.x)."""
+    if len(points) < 2:
+        return None
+    (first_t, first_v), (last_t, last_v) = points[0], points[-1]
+    increase = last_v - first_v
+    previous = 0.0
+    for _t, value in points:  # counter resets
+        if value < previous:
+            increase += previous
+        previous = value
+    to_start, to_end = (first_t - start_ms) / 1000, (end_ms - last_t) / 1000
+    sampled = (last_t - first_t) / 1000
+    average = sampled / (len(points) - 1)
+    if increase > 0 and first_v >= 0:
+        to_start = min(to_start, sampled * (first_v / increase))
+    threshold = average * 1.1
+    interval = sampled + (to_start if to_start < threshold else average / 2)
+    interval += to_end if to_end < threshold else average / 2
+    return increase * (interval / sampled) / ((end_ms - start_ms) / 1000)
+
+
+def _aggregate(prometheus: Prometheus, expr: str) -> Series:
+    match = AGGREGATION.fullmatch(expr)
+    assert match, f"a dashboard query of a shape this test does not recompute: {expr}"
+    by = [name.strip() for name in match["by"].split(",")] if match["by"] else []
+    at_ms = round(prometheus.at * 1000)  # type: ignore[operator]
+    values: list[tuple[frozenset[tuple[str, str]], float]] = []
+    if match["gauge"]:
+        values = [(_labels(r["metric"], by), float(r["value"][1])) for r in prometheus.query(match["gauge"])]
+    else:
+        window = match["range"]
+        window_ms = int(window[:-1]) * (60_000 if window.endswith("m") else 1000)
+        raw = prometheus.api("query", query=f"{match['counter']}[{window}]", time=prometheus.at)
+        assert raw["resultType"] == "matrix", raw
+        for series in raw["result"]:
+            points = [(round(float(t) * 1000), float(v)) for t, v in series["values"]]
+            rate = _extrapolated_rate(points, at_ms - window_ms, at_ms)
+            if rate is not None:
+                values.append((_labels(series["metric"], by), rate))
+    groups: dict[frozenset[tuple[str, str]], list[float]] = {}
+    for labels, value in values:
+        groups.setdefault(labels, []).append(value)
+    combine = max if match["op"] == "max" else math.fsum
+    return {labels: float(combine(group)) for labels, group in groups.items()}
+
+
+def _bucket_quantile(q: float, buckets: list[tuple[float, float]]) -> float:
+    """histogram_quantile over (upper bound, cumulative count) pairs, as Prometheus 2.x computes it."""
+    buckets = sorted(buckets)
+    if not buckets or not math.isinf(buckets[-1][0]):
+        return math.nan
+    highest, monotonic = 0.0, []
+    for bound, count in buckets:
+        highest = max(highest, count)
+        monotonic.append((bound, highest))
+    if len(monotonic) < 2 or monotonic[-1][1] == 0:
+        return math.nan
+    rank = q * monotonic[-1][1]
+    b = next((i for i, (_bound, count) in enumerate(monotonic[:-1]) if count >= rank), len(monotonic) - 1)
+    if b == len(monotonic) - 1:
+        return monotonic[-2][0]
+    if b == 0 and monotonic[0][0] <= 0:
+        return monotonic[0][0]
+    start, (end, count) = 0.0, monotonic[b]
+    if b > 0:
+        start = monotonic[b - 1][0]
+        count -= monotonic[b - 1][1]
+        rank -= monotonic[b - 1][1]
+    return start + (end - start) * (rank / count)
+
+
+def _divide(numerator: float, denominator: float) -> float:
+    if denominator:
+        return numerator / denominator
+    return math.copysign(math.inf, numerator) if numerator else math.nan  # as PromQL's division
+
+
+def _ratio(numerator: Series, denominator: Series) -> Series:
+    return {labels: _divide(numerator[labels], value) for labels, value in denominator.items() if labels in numerator}
+
+
+def recompute(prometheus: Prometheus, expr: str) -> Series:
+    """The value of dashboard query `expr`, computed from the raw series."""
+    if quantile := re.fullmatch(r"histogram_quantile\((?P<q>[\d.]+), (?P<inner>sum by \(le\) .+)\)", expr):
+        rates = _aggregate(prometheus, quantile["inner"])
+        if not rates:
+            return {}
+        buckets = [(float(dict(labels)["le"]), value) for labels, value in rates.items()]
+        return {frozenset(): _bucket_quantile(float(quantile["q"]), buckets)}
+    if ratio := re.fullmatch(r"\((?P<num>.+) or vector\(0\)\) / (?P<den>.+)", expr):
+        return _ratio(_aggregate(prometheus, ratio["num"]) or {frozenset(): 0.0}, _aggregate(prometheus, ratio["den"]))
+    for split in re.finditer(" / ", expr):
+        numerator, denominator = expr[: split.start()], expr[split.end() :]
+        if AGGREGATION.fullmatch(numerator) and AGGREGATION.fullmatch(denominator):
+            return _ratio(_aggregate(prometheus, numerator), _aggregate(prometheus, denominator))
+    return _aggregate(prometheus, expr)
+
+
+def _same(a: float, b: float) -> bool:
+    return (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+
+
+def test_every_dashboard_panel_agrees_with_the_raw_series(scraped: Prometheus) -> None:
+    disagreements = []
+    for title, expr in dashboard_targets(load_json(DASHBOARD)):
+        promql = grafana_expr_to_promql(expr)
+        panel = {frozenset(r["metric"].items()): float(r["value"][1]) for r in scraped.query(promql)}
+        raw = recompute(scraped, promql)
+        if panel.keys() != raw.keys() or not all(_same(panel[k], raw[k]) for k in panel):
+            disagreements.append({"panel": title, "query": promql, "panel's": str(panel), "from raw series": str(raw)})
+    assert not disagreements, json.dumps(disagreements, indent=1)
+    # The traffic made the rates non-zero: the comparison was not between two empty panels.
+    requests = grafana_expr_to_promql(dict(dashboard_targets(load_json(DASHBOARD)))["API requests / s"])
+    assert any(value > 0 for value in recompute(scraped, requests).values())
 
 
 def test_dashboard_metrics_are_on_the_servers_metrics_page(live_server: LiveServer) -> None:
