@@ -252,6 +252,31 @@ class AuthSettings(_Section):
     )
 
 
+class ResponsesStoreSettings(_Section):
+    url: str = Field(
+        "sqlite:///~/.cache/gemma-server/responses.db",
+        description="Where stored Responses (/v1/responses with store: true) live. sqlite:///path (a file "
+        "shared by the API processes of one machine; `~` is expanded, sqlite:////abs/path is absolute) or "
+        "postgresql://user:password@host:port/db (one database for several replicas).",
+    )
+    retention_seconds: float = Field(
+        30 * 24 * 3600, gt=0, description="Stored responses older than this are deleted (default 30 days)."
+    )
+    max_bytes: int = Field(
+        2**30,
+        ge=2**20,
+        description="Cap on the stored size (response JSON plus each image once); beyond it the oldest "
+        "responses are deleted first.",
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        if not value.startswith(("sqlite:///", "postgresql://", "postgres://")):
+            raise ValueError("responses.url must start with sqlite:/// or postgresql://")
+        return value
+
+
 class Settings(BaseSettings):
     """The whole configuration. Build it with `load_settings`."""
 
@@ -268,6 +293,7 @@ class Settings(BaseSettings):
     server: ServerSettings = Field(default_factory=ServerSettings)
     admission: AdmissionSettings = Field(default_factory=AdmissionSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
+    responses: ResponsesStoreSettings = Field(default_factory=ResponsesStoreSettings)
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Settings:
