@@ -8,8 +8,8 @@ Every request is recorded in `requests`, so SSRF tests can assert that a canary 
 
 The server runs in its own process, so its answers do not wait for the GIL of the pytest process
 and its clients and threads. (A soak once had 1 of 2,000 fetches pass the server's 10 s limit; this
-machine's CPU stalls, see tests/support/live_plugin.py, can also do that.) Registered images and the request
-log live in a temporary folder that both processes read; `gate` is a process-shared event.
+machine's CPU stalls, see tests/support/live_plugin.py, can also do that.) Registered images and the
+request log live in a temporary folder that both processes read; `gate` is a process-shared event.
 """
 
 from __future__ import annotations
