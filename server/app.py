@@ -9,7 +9,7 @@ and the orchestrator restart it.
 A request's path through the server:
 - middleware, outermost first (`server/edge/`): request metrics, request limits (header size and
   count, body size), CORS (only if origins are configured), API keys;
-- a protocol's routes (`server/protocols/openai/`, `server/protocols/anthropic/`) parse the wire
+- a protocol's routes (`server/protocols/openai/`, `anthropic/`, `responses/`) parse the wire
   request and hand it to the one pipeline (`server/pipeline/pipeline.py`): admission, Gemma 3
   normalization, images, prompt, engine, events, the protocol's answer;
 - every error, wherever it is raised, is written by `server/errors.py`.
@@ -44,6 +44,8 @@ from server.pipeline.admission import Admission, AdmissionCounts
 from server.pipeline.pipeline import Pipeline
 from server.protocols.anthropic import routes as anthropic_routes
 from server.protocols.openai import routes as openai_routes
+from server.protocols.responses import routes as responses_routes
+from server.protocols.responses.service import ResponsesService
 from server.protocols.validation import validation_error_to_api_error
 from server.selftest import run_self_test
 from server.settings import Settings
@@ -80,6 +82,7 @@ class AppState:
         self.images = ImageLoader(settings.images)
         self.admission = Admission(settings.admission, self.metrics, shared_admission_counts)
         self.pipeline = Pipeline(settings, engine, self.metrics, self.admission, self.images)
+        self.responses = ResponsesService(lambda: _open_response_store(settings))
         self.api_keys = ApiKeys(settings.auth)
         self.started_at = int(time.time())
         self.startup_error: str | None = None
@@ -109,6 +112,12 @@ class AppState:
         if not self.engine.is_ready:  # requests may arrive before the self-test has finished: fine
             raise errors.not_ready(self.retry_after)
         return self.pipeline
+
+
+async def _open_response_store(settings: Settings) -> object:
+    from server.store.factory import open_store  # the database drivers load on first use
+
+    return await open_store(settings.responses)
 
 
 def _default_engine(settings: Settings) -> EngineClient:
@@ -145,6 +154,7 @@ def create_app(
             startup.cancel()
             watcher.cancel()
             await state.images.aclose()
+            await state.responses.aclose()
             engine.shutdown()
 
     app = FastAPI(
@@ -157,11 +167,13 @@ def create_app(
         redirect_slashes=False,
     )
     app.state.gemma = state
+    app.state.responses = state.responses
     _install_middleware(app, state)
     _install_error_handlers(app)
     _add_probes(app, state)
     app.include_router(openai_routes.router)
     app.include_router(anthropic_routes.router)
+    app.include_router(responses_routes.router)
     return app
 
 

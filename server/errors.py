@@ -262,6 +262,11 @@ def raw_response(error: APIError, *, path: str = "", close: bool = False) -> tup
     return headers, body
 
 
+def responses_stream_error(error: APIError) -> dict[str, Any]:
+    """The fields of the Responses API's `error` stream event (the encoder adds type and sequence)."""
+    return {"code": error.code or error.error_type, "message": error.message, "param": error.param}
+
+
 def sse_event(error: APIError, *, path: str = "") -> bytes:
     """The SSE form of an error, sent when a stream has already started."""
     return format_for_path(path).sse_event(error)

@@ -98,6 +98,18 @@ class ApiKeys:
         return accepted
 
 
+ANONYMOUS = "anonymous"  # the caller when auth is off
+
+
+def caller_id(key: str) -> str:
+    return "key:" + _digest(key)[:16].hex()
+
+
+def caller_of(scope: Scope) -> str:
+    """The caller a request was authenticated as (`anonymous` when auth is off)."""
+    return str(scope.get("state", {}).get("caller", ANONYMOUS))
+
+
 def presented_key(headers: Headers) -> str | None:
     """The key from `Authorization: Bearer <key>` (OpenAI's SDKs) or `x-api-key: <key>` (Anthropic's)."""
     value = headers.get("authorization")
@@ -143,6 +155,8 @@ class AuthMiddleware:
             return
         token = presented_key(Headers(scope=scope))
         if token is not None and self.keys.accepts(token):
+            # Who is asking, for what is owned per key (stored responses): a digest, never the key.
+            scope.setdefault("state", {})["caller"] = caller_id(token)
             await self.app(scope, receive, send)
             return
         if scope["type"] == "websocket":

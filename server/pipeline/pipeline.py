@@ -63,7 +63,9 @@ class ResponseEncoder(Protocol):
 
     def headers(self, run: Run) -> dict[str, str]: ...
 
-    def body(self, run: Run, choices: list[ChoiceResult]) -> bytes: ...
+    async def body(self, run: Run, choices: list[ChoiceResult]) -> bytes:
+        """The whole answer, once generation has ended (async: a protocol may store it first)."""
+        ...
 
     def opening(self, run: Run) -> list[bytes]:
         """Events before the first generated token (e.g. the role chunk)."""
@@ -71,11 +73,11 @@ class ResponseEncoder(Protocol):
 
     def event(self, run: Run, event: Event) -> bytes | None: ...
 
-    def closing(self, run: Run) -> list[bytes]:
-        """Events once generation has ended (e.g. the usage chunk)."""
+    async def closing(self, run: Run) -> list[bytes]:
+        """Events once generation has ended (e.g. the usage chunk; async: a protocol may store first)."""
         ...
 
-    def error(self, run: Run, error: APIError) -> bytes:
+    async def error(self, run: Run, error: APIError) -> bytes:
         """The stream's error event, for an error after the stream started."""
         ...
 
@@ -247,16 +249,17 @@ class Pipeline:
             run = await self.start(request, http)
             headers = encoder.headers(run)
             if request.output.stream:
-                stream = self._stream(run, encoder)
+                stream = self.stream(run, encoder)
                 response = StreamingResponse(stream, media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
                 return slot.hold(response)
             try:
                 choices = await cancel_on_disconnect(http, run.collect())
             finally:
                 await run.aclose()  # aborts the engine requests if the client went away first
-            return Response(encoder.body(run, choices), media_type="application/json", headers=headers)
+            return Response(await encoder.body(run, choices), media_type="application/json", headers=headers)
 
-    async def _stream(self, run: Run, encoder: ResponseEncoder) -> AsyncIterator[bytes]:
+    async def stream(self, run: Run, encoder: ResponseEncoder) -> AsyncIterator[bytes]:
+        """A started run's events as the encoder writes them; an error ends it with the encoder's error event."""
         try:
             for chunk in encoder.opening(run):
                 yield chunk
@@ -264,14 +267,14 @@ class Pipeline:
                 encoded = encoder.event(run, event)
                 if encoded:
                     yield encoded
-            for chunk in encoder.closing(run):
+            for chunk in await encoder.closing(run):
                 yield chunk
         except APIError as error:
             log.warning("stream %s failed: %s", run.request_id, error.message)
-            yield encoder.error(run, error)
+            yield await encoder.error(run, error)
         except Exception:
             log.exception("stream %s failed", run.request_id)
-            yield encoder.error(run, APIError("internal error while streaming"))
+            yield await encoder.error(run, APIError("internal error while streaming"))
         finally:
             await run.aclose()
         end = encoder.end()
@@ -283,7 +286,7 @@ class Pipeline:
         received = time.perf_counter()
         plan = plan_tools(request.chat.tools) if request.chat is not None else NO_TOOLS
         if request.chat is not None:
-            prompts = [await self.prepare_chat(request.chat, plan)]
+            prompts = [await self._fitting_chat(request, request.chat, plan)]
         else:
             prompts = [await self.prepare_raw(prompt) for prompt in request.prompts]
         n = request.sampling.n
@@ -366,6 +369,23 @@ class Pipeline:
         )
         return Prompt(prepared, chat.param, conversation.changes)
 
+    async def _fitting_chat(self, request: GenerationRequest, chat: ChatInput, plan: ToolPlan) -> Prompt:
+        """The chat's prompt; with `truncate_oldest`, its oldest turns are dropped (system text kept)
+        until the prompt and the completion fit the context."""
+        while True:
+            prompt = await self.prepare_chat(chat, plan)
+            if not request.truncate_oldest or self._fits(prompt, request.output.max_tokens):
+                return prompt
+            shorter = _without_oldest_turn(chat)
+            if shorter is None:
+                return prompt  # nothing left to drop: the context check gives its 400
+            chat = shorter
+
+    def _fits(self, prompt: Prompt, max_tokens: int | None) -> bool:
+        cap = self.settings.server.max_tokens_cap
+        wanted = min(max_tokens, cap) if max_tokens is not None and cap is not None else max_tokens
+        return len(prompt.token_ids) + (wanted or 1) <= self.engine.max_model_len
+
     async def prepare_raw(self, prompt: RawPrompt) -> Prompt:
         """Text is tokenized as it is (Gemma's tokenizer adds <bos>); token ids must exist."""
         if isinstance(prompt.value, str):
@@ -413,6 +433,19 @@ class Pipeline:
         if all(ref.detail == "low" for ref in refs):
             return {"do_pan_and_scan": False}
         return {"do_pan_and_scan": True, "pan_and_scan_max_num_crops": settings.pan_and_scan_max_crops}
+
+
+def _without_oldest_turn(chat: ChatInput) -> ChatInput | None:
+    """The chat without its oldest non-system turn (and the tool results that answered it)."""
+    turns = chat.turns
+    talk = [i for i, turn in enumerate(turns) if turn.role not in ("system", "developer")]
+    if len(talk) < 2:
+        return None
+    first = talk[0]
+    end = first + 1
+    while end < len(turns) and turns[end].role == "tool":
+        end += 1
+    return ChatInput(turns[:first] + turns[end:], chat.tools, chat.add_generation_prompt, chat.param)
 
 
 def estimate_prompt_tokens(request: GenerationRequest) -> int:

@@ -129,3 +129,6 @@ class GenerationRequest:
     output: Output
     chat: ChatInput | None = None
     prompts: list[RawPrompt] = field(default_factory=list)
+    # A chat that does not fit the context loses its oldest turns until it does (the Responses API's
+    # truncation "auto"); otherwise it is a 400 context_length_exceeded.
+    truncate_oldest: bool = False

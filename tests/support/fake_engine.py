@@ -40,6 +40,7 @@ class ScriptedEngine:
         self.reply = reply
         self.seen: list[SamplingOptions] = []
         self.prompts: list[str] = []
+        self.token_seconds = 0.0  # streamed tokens are this far apart (for tests that act mid-stream)
 
     @property
     def tokenizer(self) -> Any:
@@ -80,6 +81,8 @@ class ScriptedEngine:
             )
             return
         for position, (token, piece) in enumerate(zip(ids, texts, strict=True)):
+            if self.token_seconds:
+                await asyncio.sleep(self.token_seconds)
             last = position == len(ids) - 1
             yield EngineStep(
                 choices=[

@@ -249,7 +249,7 @@ class MessagesEncoder:
             "usage": usage_dict(run.usage),
         }
 
-    def body(self, run: Run, choices: list[ChoiceResult]) -> bytes:
+    async def body(self, run: Run, choices: list[ChoiceResult]) -> bytes:
         choice = choices[0]
         content: list[dict[str, Any]] = []
         if choice.text.strip() or not choice.tool_calls:
@@ -306,7 +306,7 @@ class MessagesEncoder:
             out.append(_sse("content_block_stop", {"type": "content_block_stop", "index": self._block}))
         return b"".join(out)
 
-    def closing(self, run: Run) -> list[bytes]:
+    async def closing(self, run: Run) -> list[bytes]:
         out = []
         if self._text_open:
             out.append(self._close_block())
@@ -319,7 +319,7 @@ class MessagesEncoder:
         out.append(_sse("message_stop", {"type": "message_stop"}))
         return out
 
-    def error(self, run: Run, error: APIError) -> bytes:
+    async def error(self, run: Run, error: APIError) -> bytes:
         return errors.ANTHROPIC.sse_event(error)
 
     def end(self) -> bytes:

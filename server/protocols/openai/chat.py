@@ -143,7 +143,7 @@ class ChatEncoder:
         changes = run.changes
         return {NORMALIZED_HEADER: ",".join(changes)} if changes else {}
 
-    def body(self, run: Run, choices: list[ChoiceResult]) -> bytes:
+    async def body(self, run: Run, choices: list[ChoiceResult]) -> bytes:
         return_token_ids = self.wire.return_token_ids
         body_choices = []
         for choice in choices:
@@ -200,11 +200,11 @@ class ChatEncoder:
             event.index, text, token_ids=event.token_ids, finish_reason=finish_reason, logprobs=logprobs
         )
 
-    def closing(self, run: Run) -> list[bytes]:
+    async def closing(self, run: Run) -> list[bytes]:
         assert self.chunks is not None
         return [self.chunks.usage(usage_dict(run.usage))] if self.wire.include_usage else []
 
-    def error(self, run: Run, error: APIError) -> bytes:
+    async def error(self, run: Run, error: APIError) -> bytes:
         return errors.OPENAI.sse_event(error)
 
     def end(self) -> bytes:

@@ -88,7 +88,7 @@ class CompletionEncoder:
             return [TokenLogprob(first, str(self.tokenizer.decode([first])), math.nan), *entries[1:]]
         return entries
 
-    def body(self, run: Run, choices: list[ChoiceResult]) -> bytes:
+    async def body(self, run: Run, choices: list[ChoiceResult]) -> bytes:
         body, top_n = self.wire, self.wire.logprobs
         body_choices = []
         for choice in choices:
@@ -167,10 +167,10 @@ class CompletionEncoder:
                 choice["prompt_token_ids"] = run.prompts[prompt_index].token_ids
         return self._chunk(run, [choice])
 
-    def closing(self, run: Run) -> list[bytes]:
+    async def closing(self, run: Run) -> list[bytes]:
         return [self._chunk(run, [], usage_dict(run.usage))] if self.wire.include_usage else []
 
-    def error(self, run: Run, error: APIError) -> bytes:
+    async def error(self, run: Run, error: APIError) -> bytes:
         return errors.OPENAI.sse_event(error)
 
     def end(self) -> bytes:

@@ -1,0 +1,210 @@
+"""The Responses API in process, on a scripted engine and a real SQLite store, through the official openai SDK.
+
+The scripted engine "writes" what a real model would (Gemma's JSON tool call, prose), so the SDK's
+own parsing of response objects and event streams checks the wire format. The live tier runs the
+same routes on the real engine (and Codex CLI, the Agents SDK and PostgreSQL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+from asgi_lifespan import LifespanManager
+
+from server.app import create_app
+from server.engine.interface import SamplingOptions
+from server.settings import Settings
+from tests.support.fake_engine import ScriptedEngine
+
+WEATHER = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "Weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+}
+KEYS = ["sk-one", "sk-two"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir: Path):  # type: ignore[no-untyped-def]
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+class Scripted:
+    def __init__(self) -> None:
+        self.text = "Hello there."
+        self.delay = 0.0
+
+    def __call__(self, _prompt: str, _options: SamplingOptions) -> str:
+        return self.text
+
+
+@pytest.fixture
+async def served(
+    tokenizer: Any, tmp_path: Path
+) -> AsyncIterator[tuple[openai.AsyncOpenAI, openai.AsyncOpenAI, ScriptedEngine, Scripted]]:
+    script = Scripted()
+    engine = ScriptedEngine(tokenizer, script)
+
+    async def start() -> None:
+        pass
+
+    settings = Settings.model_validate(
+        {
+            "model": {"served_name": "fake-gemma"},
+            "auth": {"api_keys": KEYS},
+            "responses": {"url": f"sqlite:///{tmp_path / 'responses.db'}"},
+        }
+    )
+    app = create_app(settings, engine=engine, start_engine=start)  # type: ignore[arg-type]
+    async with LifespanManager(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            one = openai.AsyncOpenAI(base_url="http://test/v1", api_key=KEYS[0], http_client=http, max_retries=0)
+            two = openai.AsyncOpenAI(base_url="http://test/v1", api_key=KEYS[1], http_client=http, max_retries=0)
+            yield one, two, engine, script
+
+
+async def test_create_retrieve_input_items_delete(served) -> None:  # type: ignore[no-untyped-def]
+    client, other, engine, _ = served
+    response = await client.responses.create(model="fake-gemma", input="Say hello", instructions="Be brief.")
+    assert response.id.startswith("resp_") and response.status == "completed"
+    assert response.output_text == "Hello there."
+    assert response.usage is not None and response.usage.input_tokens > 0 and response.usage.output_tokens > 0
+    assert "Be brief.\n\nSay hello" in engine.prompts[-1]  # instructions are the system text
+    again = await client.responses.retrieve(response.id)
+    assert again.output_text == "Hello there." and again.id == response.id
+    items = await client.responses.input_items.list(response.id)
+    assert [item.type for item in items.data] == ["message"]
+    with pytest.raises(openai.NotFoundError):  # another key does not see it, on any route
+        await other.responses.retrieve(response.id)
+    with pytest.raises(openai.NotFoundError):
+        await other.responses.delete(response.id)
+    with pytest.raises(openai.NotFoundError):
+        await other.responses.create(model="fake-gemma", input="x", previous_response_id=response.id)
+    await client.responses.delete(response.id)
+    with pytest.raises(openai.NotFoundError):
+        await client.responses.retrieve(response.id)
+
+
+async def test_previous_response_id_continues_the_conversation(served) -> None:  # type: ignore[no-untyped-def]
+    client, _, engine, script = served
+    script.text = "Paris."
+    first = await client.responses.create(model="fake-gemma", input="Capital of France?")
+    script.text = "About two million."
+    second = await client.responses.create(model="fake-gemma", input="Its population?", previous_response_id=first.id)
+    assert second.previous_response_id == first.id
+    prompt = engine.prompts[-1]
+    assert "Capital of France?" in prompt and "Paris." in prompt and "Its population?" in prompt
+    unstored = await client.responses.create(model="fake-gemma", input="x", store=False)
+    with pytest.raises(openai.NotFoundError):
+        await client.responses.retrieve(unstored.id)
+
+
+async def test_a_function_call_round_trip_streamed(served) -> None:  # type: ignore[no-untyped-def]
+    client, _, engine, script = served
+    script.text = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+    async with client.responses.stream(
+        model="fake-gemma", input="Weather in Paris?", tools=[WEATHER], tool_choice="required"
+    ) as stream:
+        kinds = [event.type async for event in stream]
+        final = await stream.get_final_response()
+    assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] == "response.completed"
+    assert "response.function_call_arguments.delta" in kinds and "response.function_call_arguments.done" in kinds
+    call = final.output[-1]
+    assert call.type == "function_call" and json.loads(call.arguments) == {"city": "Paris"}
+    assert engine.seen[-1].json_schema is not None  # "required": decoding constrained to a call
+    script.text = "It is sunny."
+    answer = await client.responses.create(
+        model="fake-gemma",
+        previous_response_id=final.id,
+        input=[{"type": "function_call_output", "call_id": call.call_id, "output": "Sunny, 21 C"}],
+        tools=[WEATHER],
+    )
+    assert answer.output_text == "It is sunny." and "Sunny, 21 C" in engine.prompts[-1]
+
+
+async def test_stream_events_are_numbered_and_named_by_their_type(served) -> None:  # type: ignore[no-untyped-def]
+    client, _, _, script = served
+    script.text = "Streaming words here"
+    async with client.responses.with_streaming_response.create(model="fake-gemma", input="Hi", stream=True) as raw:
+        body = (await raw.read()).decode()
+    events = [block for block in body.split("\n\n") if block.strip()]
+    numbers = []
+    for block in events:
+        event_line, data_line = block.split("\n", 1)
+        data = json.loads(data_line.removeprefix("data: "))
+        assert event_line == f"event: {data['type']}"
+        numbers.append(data["sequence_number"])
+    assert numbers == list(range(len(events)))
+    deltas = [json.loads(b.split("\n", 1)[1][6:]) for b in events if b.startswith("event: response.output_text.delta")]
+    assert "".join(d["delta"] for d in deltas) == "Streaming words here"
+    assert all(d["item_id"].startswith("msg_") and d["output_index"] == 0 and d["content_index"] == 0 for d in deltas)
+
+
+async def test_skipped_tools_and_bad_items(served) -> None:  # type: ignore[no-untyped-def]
+    client, _, _, _ = served
+    response = await client.responses.create(
+        model="fake-gemma", input="Hi", tools=[WEATHER, {"type": "web_search"}, {"type": "image_generation"}]
+    )
+    assert response.model_extra is not None and response.model_extra["skipped_tools"] == [
+        "web_search",
+        "image_generation",
+    ]
+    for item, param in [
+        ({"type": "function_call_output", "call_id": "call_nope", "output": "x"}, "input[0].call_id"),
+        ({"role": "user", "content": [{"type": "input_image", "file_id": "file-1"}]}, "input[0].content[0]"),
+        ({"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}, "input[0].content[0].type"),
+        ({"type": "computer_call", "id": "x"}, "input[0].type"),
+        ({"role": "wizard", "content": "x"}, "input[0].role"),
+    ]:
+        with pytest.raises(openai.BadRequestError) as caught:
+            await client.responses.create(model="fake-gemma", input=[item])
+        assert caught.value.body["param"] == param, caught.value.body  # type: ignore[index]
+    reasoning = await client.responses.create(
+        model="fake-gemma",
+        input=[{"type": "reasoning", "id": "rs_1", "summary": []}, {"role": "user", "content": "Hi"}],
+    )
+    assert reasoning.status == "completed"  # reasoning items are accepted and dropped
+
+
+async def test_max_output_tokens_makes_it_incomplete(served) -> None:  # type: ignore[no-untyped-def]
+    client, _, _, script = served
+    script.text = "one two three four five six seven"
+    response = await client.responses.create(model="fake-gemma", input="Count", max_output_tokens=2)
+    assert response.status == "incomplete" and response.incomplete_details is not None
+    assert response.incomplete_details.reason == "max_output_tokens"
+
+
+async def test_background_create_poll_and_cancel(served) -> None:  # type: ignore[no-untyped-def]
+    client, other, engine, script = served
+    script.text = "Done in the background."
+    queued = await client.responses.create(model="fake-gemma", input="Work", background=True)
+    assert queued.status in ("queued", "in_progress", "completed")
+    for _ in range(100):
+        polled = await client.responses.retrieve(queued.id)
+        if polled.status == "completed":
+            break
+        await asyncio.sleep(0.05)
+    assert polled.status == "completed" and polled.output_text == "Done in the background."
+    resumed = await client.responses.retrieve(queued.id, stream=True, starting_after=1)
+    kinds = [event.type async for event in resumed]
+    assert kinds[0] != "response.created" and kinds[-1] == "response.completed"
+    with pytest.raises(openai.NotFoundError):
+        await other.responses.cancel(queued.id)
+    engine.token_seconds = 0.05  # slow enough to be cancelled while it runs
+    script.text = " ".join(["word"] * 200)
+    slow = await client.responses.create(model="fake-gemma", input="Work slowly", background=True)
+    await asyncio.sleep(0.2)
+    cancelled = await client.responses.cancel(slow.id)
+    assert cancelled.status == "cancelled"
+    assert (await client.responses.retrieve(slow.id)).status == "cancelled"
