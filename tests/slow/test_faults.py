@@ -69,16 +69,6 @@ def _long_body(stream: bool, text: str) -> dict[str, Any]:
     return _full_length_body(LONG_TOKENS, stream, text)
 
 
-@pytest.fixture(scope="module")
-def drain_server(sacrificial: SacrificialServers) -> LiveServer:
-    return sacrificial.ready("drain")
-
-
-@pytest.fixture(scope="module")
-def engine_death_server(sacrificial: SacrificialServers) -> LiveServer:
-    return sacrificial.ready("engine_death")
-
-
 # ---- API keys and CORS, live ----------------------------------------------------------------------
 
 

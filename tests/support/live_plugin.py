@@ -142,6 +142,9 @@ def live_server(
         "GEMMA_SERVER_IMAGES__FETCH_TIMEOUT_SECONDS": "60",
         "GEMMA_SERVER_IMAGES__FETCH_CONNECT_TIMEOUT_SECONDS": "30",
         "GEMMA_SERVER_IMAGES__FETCH_READ_TIMEOUT_SECONDS": "30",
+        # Each test server its own stored-responses file: opening a store fails the background
+        # responses left in progress there, which must not be another server's running ones.
+        "GEMMA_SERVER_RESPONSES__URL": f"sqlite:///{log_path.parent / 'responses.db'}",
         **LIVE_SERVER_SETTINGS_ENV,
     }
     live_process_starting()
@@ -194,6 +197,8 @@ class SacrificialServers:
             # Image fetches held open by the image host's /gate keep admission slots busy.
             "GEMMA_SERVER_IMAGES__FETCH_TIMEOUT_SECONDS": "120",
             "GEMMA_SERVER_IMAGES__FETCH_READ_TIMEOUT_SECONDS": "120",
+            # Claude Code asks for Claude model names: any name means the served model here.
+            "GEMMA_SERVER_MODEL__ACCEPT_ANY_NAME": "true",
         }
         self.servers: dict[str, LiveServer] = {}
         self._launchers: dict[str, threading.Thread] = {}
@@ -204,7 +209,8 @@ class SacrificialServers:
         def start() -> None:
             if after is not None:
                 after.wait()
-            env = {**self.env, **SACRIFICIAL_SERVER_ENV.get(name, {})}
+            store = {"GEMMA_SERVER_RESPONSES__URL": f"sqlite:///{self.folder / (name + '-responses.db')}"}
+            env = {**self.env, **store, **SACRIFICIAL_SERVER_ENV.get(name, {})}
             live_process_starting()
             self.servers[name] = LiveServer(self.folder / f"{name}.log", env).start()
 
@@ -240,6 +246,17 @@ def sacrificial(
         servers.launch("drain", after=oracle)
     yield servers
     servers.stop_all()
+
+
+@pytest.fixture(scope="session")
+def drain_server(sacrificial: SacrificialServers) -> LiveServer:
+    """The sacrificial server with a 128K context: the agent clients' tests, then the drain, use it."""
+    return sacrificial.ready("drain")
+
+
+@pytest.fixture(scope="session")
+def engine_death_server(sacrificial: SacrificialServers) -> LiveServer:
+    return sacrificial.ready("engine_death")
 
 
 _FIGURES: list[str] = []
