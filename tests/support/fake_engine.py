@@ -31,6 +31,16 @@ from server.settings import Settings
 Reply = Callable[[str, SamplingOptions], str]
 
 
+class Scripted:
+    """The text the scripted engine's model writes (a `Reply`); tests set `text`."""
+
+    def __init__(self) -> None:
+        self.text = "Hello there."
+
+    def __call__(self, _prompt: str, _options: SamplingOptions) -> str:
+        return self.text
+
+
 class ScriptedEngine:
     model_name = "fake-gemma"
     max_model_len = 1024

@@ -9,7 +9,6 @@ in process.)
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import anthropic
@@ -18,9 +17,8 @@ import pytest
 from asgi_lifespan import LifespanManager
 
 from server.app import create_app
-from server.engine.interface import SamplingOptions
 from server.settings import Settings
-from tests.support.fake_engine import ScriptedEngine
+from tests.support.fake_engine import Scripted, ScriptedEngine
 
 WEATHER = {
     "name": "get_weather",
@@ -29,21 +27,6 @@ WEATHER = {
 }
 USER = [{"role": "user", "content": "Weather in Paris?"}]
 MODEL = "claude-opus-4-8"  # an alias of the served model in these tests
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model_dir: Path):  # type: ignore[no-untyped-def]
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tiny_model_dir)
-
-
-class Scripted:
-    def __init__(self) -> None:
-        self.text = "Hello there."
-
-    def __call__(self, _prompt: str, _options: SamplingOptions) -> str:
-        return self.text
 
 
 @pytest.fixture

@@ -19,9 +19,8 @@ import pytest
 from asgi_lifespan import LifespanManager
 
 from server.app import create_app
-from server.engine.interface import SamplingOptions
 from server.settings import Settings
-from tests.support.fake_engine import ScriptedEngine
+from tests.support.fake_engine import Scripted, ScriptedEngine
 
 WEATHER = {
     "type": "function",
@@ -30,22 +29,6 @@ WEATHER = {
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
 }
 KEYS = ["sk-one", "sk-two"]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model_dir: Path):  # type: ignore[no-untyped-def]
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tiny_model_dir)
-
-
-class Scripted:
-    def __init__(self) -> None:
-        self.text = "Hello there."
-        self.delay = 0.0
-
-    def __call__(self, _prompt: str, _options: SamplingOptions) -> str:
-        return self.text
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -17,7 +16,6 @@ import pytest
 from asgi_lifespan import LifespanManager
 
 from server.app import create_app
-from server.engine.interface import SamplingOptions
 from server.protocols.openai.wire import (
     ChatCompletion,
     Completion,
@@ -27,7 +25,7 @@ from server.protocols.openai.wire import (
     TokenizeResponse,
 )
 from server.settings import Settings
-from tests.support.fake_engine import ScriptedEngine
+from tests.support.fake_engine import Scripted, ScriptedEngine
 
 WEATHER = {
     "type": "function",
@@ -38,23 +36,6 @@ WEATHER = {
     },
 }
 USER = [{"role": "user", "content": "Weather in Paris?"}]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model_dir: Path):  # type: ignore[no-untyped-def]
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tiny_model_dir)
-
-
-class Scripted:
-    """The text the fake model writes; tests set `text`."""
-
-    def __init__(self) -> None:
-        self.text = "Hello there."
-
-    def __call__(self, _prompt: str, _options: SamplingOptions) -> str:
-        return self.text
 
 
 @pytest.fixture
