@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Literal
 
 import openai
 import pytest
+from pydantic import BaseModel
 
 from tests.support.live_server import SERVED_MODEL
 from tests.support.oracle_cases import RED_PNG
@@ -15,10 +17,17 @@ WEATHER = {
     "type": "function",
     "name": "get_weather",
     "description": "Weather in a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    # An enum: a constrained call is then a few tokens (a free string may run past max_output_tokens).
+    "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "Lima"]}}, "required": ["city"]},
     "strict": True,
 }
 HAIKU = "Write a haiku about the sea."
+
+
+class Forecast(BaseModel):
+    """The agent's structured final answer: its output is constrained, so it ends by itself."""
+
+    sky: Literal["sunny", "rainy"]
 
 
 def test_greedy_output_equals_chat_completions_on_the_same_conversation(openai_client: openai.OpenAI) -> None:
@@ -39,11 +48,14 @@ def test_greedy_output_equals_chat_completions_on_the_same_conversation(openai_c
 
 
 def test_stream_retrieve_input_items_delete(openai_client: openai.OpenAI) -> None:
-    with openai_client.responses.stream(model=SERVED_MODEL, input=HAIKU, max_output_tokens=8, temperature=0) as stream:
-        kinds = [event.type for event in stream]
-        final = stream.get_final_response()
+    stream = openai_client.responses.create(
+        model=SERVED_MODEL, input=HAIKU, max_output_tokens=8, temperature=0, stream=True
+    )
+    events = list(stream)  # (the SDK's stream helper insists on response.completed; this one is cut at 8)
+    kinds = [event.type for event in events]
     assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] == "response.incomplete"
     assert "response.output_text.delta" in kinds
+    final = events[-1].response  # type: ignore[union-attr]
     stored = openai_client.responses.retrieve(final.id)
     assert stored.output_text == final.output_text and stored.usage.output_tokens == 8  # type: ignore[union-attr]
     items = openai_client.responses.input_items.list(final.id)
@@ -86,7 +98,7 @@ def test_a_forced_function_call_and_its_result(openai_client: openai.OpenAI) -> 
     )
     call = response.output[-1]
     assert call.type == "function_call" and call.name == "get_weather"
-    assert isinstance(json.loads(call.arguments)["city"], str)  # constrained to the schema
+    assert json.loads(call.arguments)["city"] in ("Paris", "Lima")  # constrained to the schema
     assert response.model_extra is not None and response.model_extra["skipped_tools"] == ["web_search"]
     answer = openai_client.responses.create(
         model=SERVED_MODEL,
@@ -116,7 +128,7 @@ def test_the_agents_sdk_runs_an_agent_with_a_function_tool(base_url: str) -> Non
     calls: list[str] = []
 
     @function_tool
-    def get_weather(city: str) -> str:
+    def get_weather(city: Literal["Paris", "Lima"]) -> str:
         """Weather in a city."""
         calls.append(city)
         return f"Sunny in {city}"
@@ -126,12 +138,13 @@ def test_the_agents_sdk_runs_an_agent_with_a_function_tool(base_url: str) -> Non
         name="weather",
         instructions="Answer questions about the weather.",
         tools=[get_weather],
-        # Forced to call the tool first; the SDK then lets the model answer freely.
-        model_settings=ModelSettings(tool_choice="get_weather", max_tokens=48, temperature=0),
+        output_type=Forecast,
+        # Forced to call the tool first; the SDK then lets the model answer (in the output type's schema).
+        model_settings=ModelSettings(tool_choice="get_weather", max_tokens=200, temperature=0),
         model=OpenAIResponsesModel(model=SERVED_MODEL, openai_client=client),
     )
     result = Runner.run_sync(agent, "Weather in Paris?", max_turns=4, run_config=RunConfig(tracing_disabled=True))
     assert calls, "the tool was never called"
-    assert isinstance(result.final_output, str)
+    assert isinstance(result.final_output, Forecast)
     kinds = [item.type for item in result.new_items]
     assert "tool_call_item" in kinds and "tool_call_output_item" in kinds and kinds[-1] == "message_output_item"

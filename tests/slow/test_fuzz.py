@@ -33,7 +33,7 @@ def _cheapen(body: Any, example: int) -> None:
         return
     if example % 4 and "model" in body:
         body["model"] = SERVED_MODEL
-    for field in ("max_tokens", "max_completion_tokens"):
+    for field in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
         value = body.get(field)
         # null asks for the rest of the context: thousands of tokens, minutes on a loaded machine
         # (one such case timed out at 120 s, and hypothesis then replayed it while shrinking).
@@ -42,6 +42,8 @@ def _cheapen(body: Any, example: int) -> None:
             body[field] = MAX_FUZZ_TOKENS
     if "max_tokens" not in body and "max_completion_tokens" not in body and ("messages" in body or "prompt" in body):
         body["max_tokens"] = MAX_FUZZ_TOKENS
+    if "input" in body and "max_output_tokens" not in body:  # the Responses API
+        body["max_output_tokens"] = MAX_FUZZ_TOKENS
     if isinstance(body.get("n"), int) and not isinstance(body["n"], bool) and body["n"] > 2:
         body["n"] = 2
 
@@ -57,7 +59,10 @@ def _fuzz(operation: Any, mode: GenerationMode, base_url: str, examples: Counter
         response = case.call(base_url=base_url, timeout=120)
         statuses[response.status_code] += 1
         assert response.status_code < 500, (case.method, case.path, case.body, response.text[:500])
-        if response.status_code >= 400:
+        if response.status_code >= 400 and case.path.startswith("/v1/messages"):
+            body = response.json()  # Anthropic's routes answer in Anthropic's error shape
+            assert body["type"] == "error" and set(body["error"]) == {"type", "message"}, body
+        elif response.status_code >= 400:
             assert_error_object(response.json())
 
     try:

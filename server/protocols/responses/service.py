@@ -131,7 +131,7 @@ class ResponsesService:
             route="responses",
             model=body.model,
             sampling=Sampling(temperature=body.temperature, top_p=body.top_p),
-            output=_output(body),
+            output=_output(body, forced_call=_forces_a_call(tools)),
             chat=ChatInput(turns, tools, param="input"),
             truncate_oldest=body.truncation == "auto",
         )
@@ -301,8 +301,14 @@ def _tools(body: ResponsesRequest) -> tuple[Tools | None, list[str]]:
     return Tools(functions, choice or "auto", parallel=body.parallel_tool_calls), skipped
 
 
-def _output(body: ResponsesRequest) -> Output:
-    text_format = body.text.format if body.text is not None else None
+def _forces_a_call(tools: Tools | None) -> bool:
+    return tools is not None and tools.choice in ("required", "function")
+
+
+def _output(body: ResponsesRequest, *, forced_call: bool) -> Output:
+    """`text.format` shapes the message text; a turn forced to call a function writes none, so the
+    format waits for a later turn (the Agents SDK sends both: the call first, the final output after)."""
+    text_format = body.text.format if body.text is not None and not forced_call else None
     json_schema = None
     if text_format is not None and text_format.type == "json_schema":
         if text_format.schema_ is None:
