@@ -3,8 +3,11 @@
 `Run.events()` (`server/pipeline/pipeline.py`) yields, per choice and in order:
 - `TextDelta`: text that can be sent as content now, the token ids it came from, their logprobs,
   and on the last one the finish reason (`"stop"`, `"length"`, or `"tool_calls"`);
-- `ToolCalls`: the calls a choice made, once they are complete (Gemma 3's calls are recognized in
-  its text, `server/pipeline/tools.py`), followed by the choice's final `TextDelta`.
+- `ToolCallStart` and `ToolCallDelta`: a call as it is generated (Gemma 3's calls are recognized in
+  its text, `server/pipeline/tools.py`): its id and name once known, then its arguments' JSON text
+  piece by piece; the deltas of a call joined are exactly its final `arguments`;
+- `ToolCalls`: all the calls a choice made, once the choice has ended (each already started and
+  streamed by the events above), followed by the choice's final `TextDelta`.
 Errors are raised as `server.errors.APIError`; the pipeline turns one raised mid-stream into the
 protocol's own error event. `Usage` counts as the events go; `ChoiceResult` is a whole choice, for
 answers that are not streamed.
@@ -12,10 +15,19 @@ answers that are not streamed.
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 
 from server.engine.interface import TokenLogprob
-from server.pipeline.tools import ParsedCall
+
+
+@dataclass(slots=True)
+class ParsedCall:
+    """A function call the model made."""
+
+    name: str
+    arguments: str  # JSON text, as the model wrote it
+    id: str = field(default_factory=lambda: f"call_{uuid.uuid4().hex[:24]}")
 
 
 @dataclass(slots=True)
@@ -29,12 +41,27 @@ class TextDelta:
 
 
 @dataclass(slots=True)
+class ToolCallStart:
+    index: int
+    position: int  # the call's place among the choice's calls
+    id: str
+    name: str
+
+
+@dataclass(slots=True)
+class ToolCallDelta:
+    index: int
+    position: int
+    arguments: str  # the next piece of the arguments' JSON text
+
+
+@dataclass(slots=True)
 class ToolCalls:
     index: int
     calls: list[ParsedCall]
 
 
-Event = TextDelta | ToolCalls
+Event = TextDelta | ToolCallStart | ToolCallDelta | ToolCalls
 
 
 @dataclass(slots=True)
@@ -68,6 +95,8 @@ class ChoiceResult:
         if isinstance(event, ToolCalls):
             self.tool_calls.extend(event.calls)
             return
+        if not isinstance(event, TextDelta):
+            return  # a call's pieces: the whole call comes in ToolCalls
         self.text += event.text
         self.token_ids.extend(event.token_ids)
         if event.finish_reason is not None:

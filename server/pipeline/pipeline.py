@@ -179,12 +179,13 @@ class Run:
                 continue
             extractor = self._extractors.get(index)
             if extractor is None:
-                extractor = self._extractors[index] = ToolCallExtractor(self.plan)
-            text = extractor.feed(delta.text)
+                extractor = self._extractors[index] = ToolCallExtractor(self.plan, index)
+            text, pieces = extractor.feed(delta.text)
             if delta.finish_reason is None:
                 events.append(TextDelta(index, text, delta.token_ids, delta.logprobs))
+                events += pieces
                 continue
-            rest, calls = extractor.finish()
+            rest, last_pieces, calls = extractor.finish()
             if not calls:
                 events.append(
                     TextDelta(
@@ -194,8 +195,11 @@ class Run:
                 continue
             content = text + rest if rest.strip() else text
             events.append(TextDelta(index, content, delta.token_ids, delta.logprobs))
+            events += pieces + last_pieces
             events.append(ToolCalls(index, calls))
-            events.append(TextDelta(index, "", [], None, "tool_calls"))
+            # A call cut by the output limit is reported as cut, as OpenAI does.
+            cut = delta.finish_reason == "length" and not extractor.complete
+            events.append(TextDelta(index, "", [], None, "length" if cut else "tool_calls"))
         return events
 
     async def collect(self) -> list[ChoiceResult]:

@@ -27,22 +27,15 @@ from __future__ import annotations
 import ast
 import json
 import re
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from server.pipeline.events import ParsedCall, ToolCallDelta, ToolCallStart
 from server.pipeline.request import Function, PastToolCall, Tools
 
 MAX_PARALLEL_CALLS = 16
 _FENCE = re.compile(r"```[ \t]*(?:json|tool_code|tool_call|python|py)?[ \t]*\n?(.*?)```", re.DOTALL)
 _EMPTY_OBJECT_SCHEMA: dict[str, Any] = {"type": "object", "properties": {}}
-
-
-@dataclass(slots=True)
-class ParsedCall:
-    name: str
-    arguments: str  # JSON text
-    id: str = field(default_factory=lambda: f"call_{uuid.uuid4().hex[:24]}")
 
 
 @dataclass(slots=True)
@@ -294,37 +287,183 @@ def _literal(node: ast.expr) -> Any:
 
 # ---- streaming --------------------------------------------------------------------------------
 
+_ARGUMENT_KEYS = ("arguments", "parameters")
+_JSON_FENCE_LABELS = ("", "json", "tool_call")
+_NOT_JSON = -1
+CallPiece = ToolCallStart | ToolCallDelta
+
+
+class _CallScanner:
+    """Follows JSON calls (`{"name": ..., "arguments": {...}}` or a list of them) as they are written,
+    so that each call's arguments stream while they are generated.
+
+    A call starts once its `name` (a declared function) has been read and its `arguments` object
+    opens; from then on the arguments' text goes out as it comes. Anything that is not this shape
+    stops the scanner (`failed`): the whole text is then parsed when the choice ends. The scan is one
+    pass over the characters, however the text arrives.
+    """
+
+    def __init__(self, functions: dict[str, Function], choice: int) -> None:
+        self.functions = functions
+        self.choice = choice
+        self.body = ""
+        self.scanned = 0
+        self.failed = False
+        self.closed = False  # the top-level value has ended
+        self.started: list[ParsedCall] = []  # calls whose arguments are (being) streamed, in order
+        self._depth = 0
+        self._call_depth = 0  # 1: the top is one call object; 2: a list of call objects
+        self._in_string = False
+        self._escaped = False
+        self._string_from = 0
+        self._expect_key = False
+        self._key: str | None = None
+        self._name: str | None = None
+        self._position = -1  # the call object being read, among the top-level ones
+        self._arguments_from: int | None = None  # where the streaming call's arguments start in body
+        self._sent = 0  # how far into body its arguments have gone out
+
+    @property
+    def streaming(self) -> bool:
+        return self._arguments_from is not None
+
+    def feed(self, text: str) -> list[CallPiece]:
+        self.body += text
+        pieces: list[CallPiece] = []
+        body = self.body
+        index = self.scanned
+        while index < len(body) and not self.failed and not self.closed:
+            self._step(body, index, pieces)
+            index += 1
+        self.scanned = index
+        if self._arguments_from is not None and self._sent < len(body):
+            pieces.append(self._arguments_piece(len(body)))
+        return pieces
+
+    def _arguments_piece(self, end: int) -> ToolCallDelta:
+        piece = self.body[self._sent : end]
+        self._sent = end
+        self.started[-1].arguments += piece
+        return ToolCallDelta(self.choice, len(self.started) - 1, piece)
+
+    def _step(self, body: str, index: int, pieces: list[CallPiece]) -> None:
+        char = body[index]
+        if self._in_string:
+            if self._escaped:
+                self._escaped = False
+            elif char == "\\":
+                self._escaped = True
+            elif char == '"':
+                self._in_string = False
+                if self._depth == self._call_depth and self._arguments_from is None:
+                    self._string_ended(body[self._string_from : index + 1])
+            return
+        if char in " \t\r\n":
+            return
+        if self._depth == 0 and char not in "{[":
+            self.failed = True
+        elif char == '"':
+            self._in_string, self._string_from = True, index
+        elif char in "{[":
+            self._open(char, index, pieces)
+        elif char in "}]":
+            self._close(index, pieces)
+        elif self._depth == self._call_depth:
+            if char == ":":
+                self._expect_key = False
+            elif char == ",":
+                self._expect_key, self._key = True, None
+
+    def _string_ended(self, literal: str) -> None:
+        try:
+            value = json.loads(literal)
+        except ValueError:
+            self.failed = True
+            return
+        if self._expect_key:
+            self._key = value
+        elif self._key == "name":
+            self._name = value
+
+    def _open(self, char: str, index: int, pieces: list[CallPiece]) -> None:
+        depth = self._depth
+        if depth == 0:
+            self._call_depth = 1 if char == "{" else 2
+        if depth == self._call_depth - 1:  # a call object opens
+            if char != "{":
+                self.failed = True
+                return
+            self._position += 1
+            self._expect_key, self._key, self._name = True, None, None
+        elif (
+            depth == self._call_depth
+            and char == "{"
+            and self._key in _ARGUMENT_KEYS
+            and self._name in self.functions
+            and len(self.started) == self._position  # every earlier call was streamed
+        ):
+            call = ParsedCall(self._name or "", "")
+            self.started.append(call)
+            pieces.append(ToolCallStart(self.choice, self._position, call.id, call.name))
+            self._arguments_from = self._sent = index
+        self._depth += 1
+
+    def _close(self, index: int, pieces: list[CallPiece]) -> None:
+        self._depth -= 1
+        if self._depth < 0:
+            self.failed = True
+            return
+        if self._arguments_from is not None and self._depth == self._call_depth:
+            pieces.append(self._arguments_piece(index + 1))  # the arguments object is whole
+            self._arguments_from = None
+        if self._depth == 0:
+            self.closed = True
+
 
 class ToolCallExtractor:
     """Splits one choice's output into content and tool calls, as it arrives.
 
-    `feed(text)` returns the text that can be sent as content now; `finish()` returns the rest of the
-    content and the calls. Non-streaming responses use the same object, so both agree.
+    `feed(text)` returns the text that can be sent as content now, and the pieces of calls that can
+    be sent now (`ToolCallStart`, `ToolCallDelta`: a JSON call's arguments stream as they are
+    written); `finish()` returns the rest of both, and the choice's calls. Every call is started and
+    streamed before it is returned (one recognized only at the end, e.g. written Python-style, goes
+    out whole then). Non-streaming responses use the same object, so both agree.
+
+    Once a call has started streaming it stays a call: if the text then stops being a valid call
+    (the output limit cut it, or the model broke the JSON) the call ends with what was written, as
+    OpenAI's own models do; text after streamed calls is not content (the model was asked to answer
+    with only the calls).
     """
 
-    def __init__(self, plan: ToolPlan) -> None:
+    def __init__(self, plan: ToolPlan, index: int = 0) -> None:
         self.plan = plan
+        self.index = index
         self.text = ""
         self.emitted = 0
         # Constrained output is nothing but the call: hold it all.
         self.held_from: int | None = 0 if plan.constraint is not None else None
         self._decided = plan.constraint is not None
         self._call_starts = [name + "(" for name in plan.functions] + ["print("]
+        self.complete = False  # after finish(): the calls parsed whole (not cut or broken)
+        self._scanner: _CallScanner | None = None
+        # Where JSON calls begin in the text: not known yet (None), or _NOT_JSON for a held text that
+        # cannot be JSON calls (Python-style, another fence): those are parsed whole at the end.
+        self._scan_from: int | None = 0 if plan.constraint is not None else None
 
-    def feed(self, delta: str) -> str:
+    def feed(self, delta: str) -> tuple[str, list[CallPiece]]:
         self.text += delta
         if self.held_from is not None:
-            return ""
+            return "", self._scan()
         text = self.text
         if not self._decided:
             head = text.lstrip()
             if not head:
-                return ""  # only whitespace so far
+                return "", []  # only whitespace so far
             if head[0] in "{[`" or any(head.startswith(start) for start in self._call_starts):
                 self.held_from = len(text) - len(head)
-                return ""
+                return "", self._scan()
             if any(start.startswith(head) for start in self._call_starts):
-                return ""  # a function's name so far: could still become a call
+                return "", []  # a function's name so far: could still become a call
             self._decided = True
         fence = text.find("```", self.emitted)
         if fence >= 0:
@@ -334,16 +473,55 @@ class ToolCallExtractor:
             end = max(self.emitted, len(text.rstrip("`")))  # a partial fence at the end waits
         piece = text[self.emitted : end]
         self.emitted = end
-        return piece
+        return piece, self._scan() if self.held_from is not None else []
 
-    def finish(self) -> tuple[str, list[ParsedCall]]:
+    def _scan(self) -> list[CallPiece]:
+        """Feeds the held text to the call scanner, once it is known where JSON calls would begin."""
+        assert self.held_from is not None
+        if self._scan_from is None:
+            held = self.text[self.held_from :]
+            if not held.startswith("```"):
+                self._scan_from = self.held_from if held[:1] in "{[" else _NOT_JSON
+            else:
+                line_end = held.find("\n")
+                if line_end < 0:
+                    return []  # the fence's label is not complete yet
+                label = held[3:line_end].strip().lower()
+                self._scan_from = self.held_from + line_end + 1 if label in _JSON_FENCE_LABELS else _NOT_JSON
+        if self._scan_from == _NOT_JSON:
+            return []
+        if self._scanner is None:
+            self._scanner = _CallScanner(self.plan.functions, self.index)
+            return self._scanner.feed(self.text[self._scan_from :])
+        return self._scanner.feed(self.text[self._scan_from + len(self._scanner.body) :])
+
+    def finish(self) -> tuple[str, list[CallPiece], list[ParsedCall]]:
+        """The rest of the content, the calls' last pieces, and the calls (none: all was content)."""
         text = self.text
         if self.held_from is None:
             rest = text[self.emitted :]
             self.emitted = len(text)
-            return rest, []
-        held = text[self.held_from :]
+            return rest, [], []
+        started = self._scanner.started if self._scanner is not None else []
         before = text[self.emitted : self.held_from]
+        content, calls = self._parse_held(before)
+        self.complete = bool(calls)
+        if calls:
+            # A call the scanner streamed keeps its id and the text it streamed (the same call).
+            pieces: list[CallPiece] = []
+            for position, call in enumerate(calls):
+                if position < len(started):
+                    calls[position] = started[position]
+                else:
+                    pieces.append(ToolCallStart(self.index, position, call.id, call.name))
+                    pieces.append(ToolCallDelta(self.index, position, call.arguments))
+            return (before if started else content), pieces, calls
+        if started:
+            return before, [], list(started)
+        return text[self.emitted :], [], []
+
+    def _parse_held(self, before: str) -> tuple[str, list[ParsedCall]]:
+        held = self.text[self.held_from :]
         calls = parse_tool_calls(held, self.plan.functions)
         if calls is not None:
             return before, calls
@@ -353,4 +531,4 @@ class ToolCallExtractor:
             calls = parse_tool_calls(match.group(1), self.plan.functions)
             if calls is not None:
                 return before + stripped[match.end() :], calls
-        return text[self.emitted :], []
+        return "", []

@@ -8,6 +8,7 @@ in process.)
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -80,10 +81,13 @@ async def test_a_tool_call_in_a_body_and_in_a_stream(served) -> None:  # type: i
     async with client.messages.stream(
         model=MODEL, max_tokens=60, messages=USER, tools=[WEATHER], tool_choice={"type": "any"}
     ) as stream:
-        events = [event.type async for event in stream]
+        events = [event async for event in stream]
         final = await stream.get_final_message()
-    assert events[0] == "message_start" and events[-1] == "message_stop"
+    assert events[0].type == "message_start" and events[-1].type == "message_stop"
     assert final.stop_reason == "tool_use" and final.content[-1].input == {"city": "Paris"}  # type: ignore[union-attr]
+    # The tool input streams as it is generated (input_json_delta), and the pieces make the input.
+    pieces = [e.delta.partial_json for e in events if e.type == "content_block_delta"]  # type: ignore[union-attr]
+    assert len(pieces) > 3 and json.loads("".join(pieces)) == {"city": "Paris"}
     assert engine.seen[-1].json_schema is not None  # "any": decoding constrained to a call
     history = [
         *USER,

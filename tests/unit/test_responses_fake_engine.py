@@ -19,6 +19,7 @@ import pytest
 from asgi_lifespan import LifespanManager
 
 from server.app import create_app
+from server.protocols.responses.encoder import replay
 from server.settings import Settings
 from tests.support.fake_engine import Scripted, ScriptedEngine
 
@@ -99,12 +100,16 @@ async def test_a_function_call_round_trip_streamed(served) -> None:  # type: ign
     async with client.responses.stream(
         model="fake-gemma", input="Weather in Paris?", tools=[WEATHER], tool_choice="required"
     ) as stream:
-        kinds = [event.type async for event in stream]
+        events = [event async for event in stream]
         final = await stream.get_final_response()
+    kinds = [event.type for event in events]
     assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] == "response.completed"
-    assert "response.function_call_arguments.delta" in kinds and "response.function_call_arguments.done" in kinds
     call = final.output[-1]
     assert call.type == "function_call" and json.loads(call.arguments) == {"city": "Paris"}
+    # The arguments stream as they are generated, and the pieces make the final arguments.
+    deltas = [e.delta for e in events if e.type == "response.function_call_arguments.delta"]  # type: ignore[union-attr]
+    [done] = [e for e in events if e.type == "response.function_call_arguments.done"]
+    assert len(deltas) > 3 and "".join(deltas) == done.arguments == call.arguments  # type: ignore[union-attr]
     assert engine.seen[-1].json_schema is not None  # "required": decoding constrained to a call
     script.text = "It is sunny."
     answer = await client.responses.create(
@@ -116,19 +121,24 @@ async def test_a_function_call_round_trip_streamed(served) -> None:  # type: ign
     assert answer.output_text == "It is sunny." and "Sunny, 21 C" in engine.prompts[-1]
 
 
+def _sse_events(body: str) -> list[dict[str, Any]]:
+    """A Responses stream's events, each checked: `event:` is its type, numbered from 0 in order."""
+    events = []
+    for number, block in enumerate(block for block in body.split("\n\n") if block.strip()):
+        event_line, data_line = block.split("\n", 1)
+        data = json.loads(data_line.removeprefix("data: "))
+        assert event_line == f"event: {data['type']}" and data["sequence_number"] == number
+        events.append(data)
+    return events
+
+
 async def test_stream_events_are_numbered_and_named_by_their_type(served) -> None:  # type: ignore[no-untyped-def]
     client, _, _, script = served
     script.text = "Streaming words here"
     async with client.responses.with_streaming_response.create(model="fake-gemma", input="Hi", stream=True) as raw:
         body = (await raw.read()).decode()
     events = [block for block in body.split("\n\n") if block.strip()]
-    numbers = []
-    for block in events:
-        event_line, data_line = block.split("\n", 1)
-        data = json.loads(data_line.removeprefix("data: "))
-        assert event_line == f"event: {data['type']}"
-        numbers.append(data["sequence_number"])
-    assert numbers == list(range(len(events)))
+    _sse_events(body)
     deltas = [json.loads(b.split("\n", 1)[1][6:]) for b in events if b.startswith("event: response.output_text.delta")]
     assert "".join(d["delta"] for d in deltas) == "Streaming words here"
     assert all(d["item_id"].startswith("msg_") and d["output_index"] == 0 and d["content_index"] == 0 for d in deltas)
@@ -191,3 +201,38 @@ async def test_background_create_poll_and_cancel(served) -> None:  # type: ignor
     cancelled = await client.responses.cancel(slow.id)
     assert cancelled.status == "cancelled"
     assert (await client.responses.retrieve(slow.id)).status == "cancelled"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Some prose, in words.",
+        '{"name": "get_weather", "arguments": {"city": "Paris"}}',
+        "Hi ```tool_code\nget_weather('x')\n```",
+    ],
+)
+async def test_a_replayed_stream_is_the_live_sequence(served, text: str) -> None:  # type: ignore[no-untyped-def]
+    """A finished response streamed again from the store (another process, after a restart) goes
+    through the same events as it did live, each item's text and arguments in one delta."""
+    client, _, _, script = served
+    script.text = text
+    async with client.responses.with_streaming_response.create(
+        model="fake-gemma", input="Hi", tools=[WEATHER], stream=True
+    ) as raw:
+        live = _sse_events((await raw.read()).decode())
+    stored = live[-1]["response"]
+    replayed = _sse_events(b"".join(replay(stored)).decode())
+
+    def collapsed(events: list[dict[str, Any]]) -> list[str]:
+        kinds = [event["type"] for event in events]
+        return [kind for i, kind in enumerate(kinds) if i == 0 or kind != kinds[i - 1] or not kind.endswith(".delta")]
+
+    assert collapsed(replayed) == collapsed(live)
+    assert replayed[-1]["response"] == stored
+    for kind in ("response.output_item.done", "response.function_call_arguments.done", "response.output_text.done"):
+        assert [e for e in replayed if e["type"] == kind] == [
+            {**e, "sequence_number": r["sequence_number"]}
+            for e, r in zip(
+                [e for e in live if e["type"] == kind], [e for e in replayed if e["type"] == kind], strict=True
+            )
+        ]

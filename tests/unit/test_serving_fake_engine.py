@@ -70,21 +70,46 @@ async def test_auto_call_in_python_style_is_a_tool_call(served) -> None:  # type
     assert "You can call the functions described below" in engine.prompts[-1]
 
 
+def _streamed_calls(chunks: list) -> list[tuple[int, str, str, int]]:  # type: ignore[type-arg]
+    """(index, name, arguments, number of argument deltas) of each streamed call, as a client joins them."""
+    calls: dict[int, list] = {}  # type: ignore[type-arg]
+    for chunk in chunks:
+        for tc in (chunk.choices[0].delta.tool_calls or []) if chunk.choices else []:
+            if tc.id is not None:
+                assert tc.index not in calls and tc.function.arguments == ""
+                calls[tc.index] = [tc.index, tc.function.name, "", 0]
+            else:
+                assert tc.function.name is None
+                calls[tc.index][2] += tc.function.arguments
+                calls[tc.index][3] += 1
+    return [tuple(call) for call in calls.values()]  # type: ignore[misc]
+
+
 async def test_auto_call_streams_as_tool_call_deltas(served) -> None:  # type: ignore[no-untyped-def]
     client, _, script, _ = served
     script.text = 'Let me check.\n```tool_code\nget_weather(city="Paris")\n```'
     stream = await client.chat.completions.create(model="fake-gemma", messages=USER, tools=[WEATHER], stream=True)
     chunks = [chunk async for chunk in stream]
     content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    calls = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
     finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert content == "Let me check.\n"
-    assert [(tc.index, tc.function.name, json.loads(tc.function.arguments)) for tc in calls] == [
-        (0, "get_weather", {"city": "Paris"})
-    ]
+    # A Python-style call is recognized once the text is complete: its arguments come in one piece.
+    assert _streamed_calls(chunks) == [(0, "get_weather", '{"city": "Paris"}', 1)]
     assert finish == ["tool_calls"]
     whole = await client.chat.completions.create(model="fake-gemma", messages=USER, tools=[WEATHER])
     assert whole.choices[0].message.content == "Let me check.\n"
+
+
+async def test_json_call_arguments_stream_as_they_are_generated(served) -> None:  # type: ignore[no-untyped-def]
+    client, _, script, _ = served
+    arguments = '{"city": "Paris", "unit": "c"}'
+    script.text = '{"name": "get_weather", "arguments": ' + arguments + "}"
+    stream = await client.chat.completions.create(model="fake-gemma", messages=USER, tools=[WEATHER], stream=True)
+    chunks = [chunk async for chunk in stream]
+    [(index, name, streamed, deltas)] = _streamed_calls(chunks)
+    assert (index, name, streamed) == (0, "get_weather", arguments) and deltas > 3  # piece by piece
+    whole = await client.chat.completions.create(model="fake-gemma", messages=USER, tools=[WEATHER])
+    assert whole.choices[0].message.tool_calls[0].function.arguments == arguments  # the same text
 
 
 async def test_prose_stays_content_even_with_tools(served) -> None:  # type: ignore[no-untyped-def]
@@ -116,8 +141,8 @@ async def test_required_and_named_constrain_the_output(served) -> None:  # type:
     schema = engine.seen[-1].json_schema
     assert schema is not None and schema["properties"]["name"] == {"const": "get_weather"}
     assert not any(c.choices[0].delta.content for c in chunks if c.choices)  # constrained text is never content
-    calls = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
-    assert json.loads(calls[0].function.arguments) == {"city": "Oslo"}
+    [(_, name, arguments, _)] = _streamed_calls(chunks)
+    assert name == "get_weather" and json.loads(arguments) == {"city": "Oslo"}
 
 
 async def test_tool_history_round_trip_and_normalization_header(served) -> None:  # type: ignore[no-untyped-def]

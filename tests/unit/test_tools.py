@@ -14,7 +14,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from server.pipeline.tools import ToolCallExtractor, ToolPlan, call_schema, parse_tool_calls, plan_tools
+from server.pipeline.events import ParsedCall, ToolCallDelta, ToolCallStart
+from server.pipeline.tools import CallPiece, ToolCallExtractor, ToolPlan, call_schema, parse_tool_calls, plan_tools
 from server.protocols.openai.chat import tools_of
 from server.protocols.openai.wire import NamedToolChoice, Tool
 
@@ -96,32 +97,116 @@ def test_other_text_is_not_a_call(text: str) -> None:
 
 
 def _run(text: str, chunks: list[str], plan=AUTO) -> tuple[str, list[tuple[str, str]]]:  # type: ignore[no-untyped-def]
-    extractor = ToolCallExtractor(plan)
-    streamed = "".join(extractor.feed(chunk) for chunk in chunks)
-    rest, calls = extractor.finish()
-    return streamed + rest, [(call.name, call.arguments) for call in calls]
+    """The content and the calls; also checks that the streamed pieces of each call make the call."""
+    content, calls, _ = _stream(chunks, plan)
+    return content, calls
+
+
+def _stream(chunks: list[str], plan=AUTO) -> tuple[str, list[tuple[str, str]], list[int]]:  # type: ignore[no-untyped-def]
+    """(content, calls, how many chunks each call's arguments came in) of the text fed in `chunks`."""
+    extractor = ToolCallExtractor(plan, index=3)
+    content = ""
+    pieces: list[CallPiece] = []
+    for chunk in chunks:
+        text, new = extractor.feed(chunk)
+        content += text
+        pieces += new
+    rest, last, calls = extractor.finish()
+    pieces += last
+    streamed: list[tuple[str, str, str]] = []  # id, name, arguments
+    deltas: list[int] = []
+    for piece in pieces:
+        assert piece.index == 3
+        if isinstance(piece, ToolCallStart):
+            assert piece.position == len(streamed)
+            streamed.append((piece.id, piece.name, ""))
+            deltas.append(0)
+        else:
+            call_id, name, arguments = streamed[piece.position]
+            streamed[piece.position] = (call_id, name, arguments + piece.arguments)
+            deltas[piece.position] += 1
+    assert streamed == [(call.id, call.name, call.arguments) for call in calls]
+    return content + rest, [(call.name, call.arguments) for call in calls], deltas
+
+
+def _fed(extractor: ToolCallExtractor, text: str) -> str:
+    content, pieces = extractor.feed(text)
+    assert pieces == []
+    return content
 
 
 def test_extractor_streams_plain_text_at_once() -> None:
     extractor = ToolCallExtractor(AUTO)
-    assert extractor.feed("Hello") == "Hello"
-    assert extractor.feed(" world, `code` here") == " world, `code` here"
-    assert extractor.feed(" and ``") == " and "  # a fence may be starting: wait
-    assert extractor.feed("x") == "``x"
+    assert _fed(extractor, "Hello") == "Hello"
+    assert _fed(extractor, " world, `code` here") == " world, `code` here"
+    assert _fed(extractor, " and ``") == " and "  # a fence may be starting: wait
+    assert _fed(extractor, "x") == "``x"
 
 
 def test_extractor_holds_a_possible_call_until_the_end() -> None:
     extractor = ToolCallExtractor(AUTO)
-    assert extractor.feed("get_wea") == ""  # could be the start of get_weather(...)
-    assert extractor.feed('ther(city="Paris")') == ""
-    rest, calls = extractor.finish()
+    assert _fed(extractor, "get_wea") == ""  # could be the start of get_weather(...)
+    assert _fed(extractor, 'ther(city="Paris")') == ""
+    rest, pieces, calls = extractor.finish()
     assert rest == "" and [c.name for c in calls] == ["get_weather"]
+    assert [type(piece) for piece in pieces] == [ToolCallStart, ToolCallDelta]  # sent whole at the end
 
 
 def test_extractor_releases_a_name_that_turns_out_to_be_prose() -> None:
     extractor = ToolCallExtractor(AUTO)
-    assert extractor.feed("get") == ""
-    assert extractor.feed(" the weather") == "get the weather"
+    assert _fed(extractor, "get") == ""
+    assert _fed(extractor, " the weather") == "get the weather"
+
+
+def test_json_call_arguments_stream_as_they_are_written() -> None:
+    text = '{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}'
+    extractor = ToolCallExtractor(AUTO)
+    pieces = [piece for char in text for piece in extractor.feed(char)[1]]
+    start = text.index('{"city"')
+    assert pieces[0] == ToolCallStart(0, 0, pieces[0].id, "get_weather")  # type: ignore[union-attr]
+    assert len(pieces) == 1 + len(text) - 1 - start  # then one delta per character, to the object's end
+    assert "".join(piece.arguments for piece in pieces[1:]) == '{"city": "Paris", "unit": "c"}'  # type: ignore[union-attr]
+    assert extractor.finish()[1:] == ([], [ParsedCall("get_weather", '{"city": "Paris", "unit": "c"}', pieces[0].id)])
+    assert extractor.complete
+
+
+@pytest.mark.parametrize("plan", [AUTO, _plan([WEATHER, TIME], "required")])
+def test_each_call_of_a_list_streams_in_turn(plan: ToolPlan) -> None:
+    text = '[{"name":"get_weather","arguments":{"city":"Lima"}}, {"name":"get-time","arguments":{}}]'
+    content, calls, deltas = _stream(list(text), plan)
+    assert content == "" and calls == [("get_weather", '{"city":"Lima"}'), ("get-time", "{}")]
+    assert deltas == [len('{"city":"Lima"}'), 2]
+
+
+def test_a_fenced_json_call_streams_and_the_prose_before_it_is_content() -> None:
+    text = 'Checking.\n```json\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n```'
+    content, calls, deltas = _stream(list(text))
+    assert content == "Checking.\n" and calls == [("get_weather", '{"city": "Oslo"}')]
+    assert deltas == [len('{"city": "Oslo"}')]
+
+
+def test_a_call_cut_by_the_limit_ends_with_what_was_written() -> None:
+    extractor = ToolCallExtractor(_plan([WEATHER], "required"))
+    text = '{"name": "get_weather", "arguments": {"city": "Par'
+    assert extractor.feed(text)[0] == ""
+    content, pieces, calls = extractor.finish()
+    assert content == "" and pieces == [] and [c.arguments for c in calls] == ['{"city": "Par']
+    assert not extractor.complete
+
+
+def test_calls_that_cannot_stream_go_whole_at_the_end() -> None:
+    # Arguments before the name, arguments as a string: recognized once the text is complete.
+    for text in (
+        '{"arguments": {"city": "Rome"}, "name": "get_weather"}',
+        '{"name": "get_weather", "arguments": "{\\"city\\": \\"Rome\\"}"}',
+    ):
+        content, calls, deltas = _stream(list(text))
+        assert (content, calls, deltas) == ("", [("get_weather", '{"city": "Rome"}')], [1])
+
+
+def test_an_undeclared_function_does_not_stream_and_stays_content() -> None:
+    text = '{"name": "rm_rf", "arguments": {"path": "/"}}'
+    assert _stream(list(text)) == (text, [], [])
 
 
 def test_fenced_call_after_prose() -> None:
@@ -162,8 +247,8 @@ def test_streaming_and_whole_text_agree(text: str, cuts: list[int]) -> None:
 def test_constrained_output_is_held_and_parsed() -> None:
     plan = _plan([WEATHER, TIME], "required")
     text = '[{"name":"get_weather","arguments":{"city":"Lima"}}]'
-    assert _run(text, list(text), plan) == ("", [("get_weather", '{"city": "Lima"}')])
-    truncated = '{"name":"get_weather","argu'
+    assert _run(text, list(text), plan) == ("", [("get_weather", '{"city":"Lima"}')])
+    truncated = '{"name":"get_weather","argu'  # no argument written yet: not a call
     assert _run(truncated, [truncated], plan) == (truncated, [])
 
 

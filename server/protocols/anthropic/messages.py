@@ -27,7 +27,7 @@ import orjson
 
 from server import errors
 from server.errors import APIError, BadRequestError
-from server.pipeline.events import ChoiceResult, Event, TextDelta, Usage
+from server.pipeline.events import ChoiceResult, Event, ParsedCall, TextDelta, ToolCallDelta, ToolCallStart, Usage
 from server.pipeline.pipeline import Run
 from server.pipeline.request import (
     ChatInput,
@@ -43,7 +43,6 @@ from server.pipeline.request import (
     Tools,
     Turn,
 )
-from server.pipeline.tools import ParsedCall
 from server.protocols.anthropic.wire import (
     IGNORED_ANTHROPIC_FIELDS,
     REFUSED_ANTHROPIC_FIELDS,
@@ -59,6 +58,7 @@ from server.protocols.anthropic.wire import (
     ToolUseBlock,
     _MessagesBase,
 )
+from server.protocols.sse import named_event
 from server.protocols.validation import check_unknown_fields
 
 STOP_REASONS = {"length": "max_tokens", "tool_calls": "tool_use"}
@@ -198,8 +198,8 @@ def _tools(tools: list[ToolParam] | None, choice: ToolChoice | None) -> Tools | 
 # ---- pipeline -> wire -----------------------------------------------------------------------
 
 
-def tool_use_id(call: ParsedCall) -> str:
-    return "toolu_" + call.id.removeprefix("call_")
+def tool_use_id(call_id: str) -> str:
+    return "toolu_" + call_id.removeprefix("call_")
 
 
 def usage_dict(usage: Usage) -> dict[str, int]:
@@ -220,8 +220,8 @@ def stop_of(finish_reason: str | None, stop_reason: int | str | None) -> tuple[s
     return STOP_REASONS.get(finish_reason, "end_turn"), None
 
 
-def _sse(kind: str, data: dict[str, Any]) -> bytes:
-    return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
+def _sse(data: dict[str, Any]) -> bytes:
+    return named_event(data["type"], data)
 
 
 class MessagesEncoder:
@@ -231,7 +231,7 @@ class MessagesEncoder:
         self.model = body.model  # Anthropic's clients see the name they asked for
         self.request_id = request_id
         self._block: int = -1  # index of the content block being streamed
-        self._text_open = False
+        self._open: str | None = None  # the type of the block open now ("text", "tool_use")
         self._stop: tuple[str | None, str | None] = (None, None)
 
     def headers(self, run: Run) -> dict[str, str]:
@@ -255,68 +255,56 @@ class MessagesEncoder:
         if choice.text.strip() or not choice.tool_calls:
             content.append({"type": "text", "text": choice.text})
         for call in choice.tool_calls:
-            content.append({"type": "tool_use", "id": tool_use_id(call), "name": call.name, "input": _input(call)})
+            content.append({"type": "tool_use", "id": tool_use_id(call.id), "name": call.name, "input": _input(call)})
         return orjson.dumps(self._message(run, content, stop_of(choice.finish_reason, choice.stop_reason)))
 
     def opening(self, run: Run) -> list[bytes]:
         start = self._message(run, [], (None, None))
         start["usage"]["output_tokens"] = 0
-        return [_sse("message_start", {"type": "message_start", "message": start}), _sse("ping", {"type": "ping"})]
+        return [_sse({"type": "message_start", "message": start}), _sse({"type": "ping"})]
 
-    def _open_text(self) -> bytes:
+    def _open_block(self, block: dict[str, Any]) -> list[bytes]:
+        out = self._close_block()
         self._block += 1
-        self._text_open = True
-        block = {"type": "content_block_start", "index": self._block, "content_block": {"type": "text", "text": ""}}
-        return _sse("content_block_start", block)
+        self._open = block["type"]
+        out.append(_sse({"type": "content_block_start", "index": self._block, "content_block": block}))
+        return out
 
     def _delta(self, delta: dict[str, Any]) -> bytes:
-        return _sse("content_block_delta", {"type": "content_block_delta", "index": self._block, "delta": delta})
+        return _sse({"type": "content_block_delta", "index": self._block, "delta": delta})
 
-    def _close_block(self) -> bytes:
-        self._text_open = False
-        return _sse("content_block_stop", {"type": "content_block_stop", "index": self._block})
+    def _close_block(self) -> list[bytes]:
+        if self._open is None:
+            return []
+        self._open = None
+        return [_sse({"type": "content_block_stop", "index": self._block})]
 
     def event(self, run: Run, event: Event) -> bytes | None:
         out: list[bytes] = []
         if isinstance(event, TextDelta):
             if event.text:
-                if not self._text_open:
-                    out.append(self._open_text())
-                delta = {"type": "text_delta", "text": event.text}
-                out.append(
-                    _sse("content_block_delta", {"type": "content_block_delta", "index": self._block, "delta": delta})
-                )
+                if self._open != "text":
+                    out += self._open_block({"type": "text", "text": ""})
+                out.append(self._delta({"type": "text_delta", "text": event.text}))
             if event.finish_reason is not None:
                 self._stop = stop_of(event.finish_reason, event.stop_reason)
-            return b"".join(out) or None
-        for call in event.calls:
-            if self._text_open:
-                out.append(self._close_block())
-            self._block += 1
-            block = {"type": "tool_use", "id": tool_use_id(call), "name": call.name, "input": {}}
-            out.append(
-                _sse(
-                    "content_block_start", {"type": "content_block_start", "index": self._block, "content_block": block}
-                )
-            )
-            delta = {"type": "input_json_delta", "partial_json": json.dumps(_input(call), ensure_ascii=False)}
-            out.append(
-                _sse("content_block_delta", {"type": "content_block_delta", "index": self._block, "delta": delta})
-            )
-            out.append(_sse("content_block_stop", {"type": "content_block_stop", "index": self._block}))
-        return b"".join(out)
+        elif isinstance(event, ToolCallStart):
+            out += self._open_block({"type": "tool_use", "id": tool_use_id(event.id), "name": event.name, "input": {}})
+        elif isinstance(event, ToolCallDelta):
+            out.append(self._delta({"type": "input_json_delta", "partial_json": event.arguments}))
+        else:  # ToolCalls: the choice's calls are all streamed
+            out += self._close_block()
+        return b"".join(out) or None
 
     async def closing(self, run: Run) -> list[bytes]:
-        out = []
-        if self._text_open:
-            out.append(self._close_block())
-        elif self._block < 0:  # nothing was generated: still one (empty) text block, as Anthropic sends
-            out += [self._open_text(), self._close_block()]
+        out = self._close_block()
+        if self._block < 0:  # nothing was generated: still one (empty) text block, as Anthropic sends
+            out += self._open_block({"type": "text", "text": ""}) + self._close_block()
         stop_reason, stop_sequence = self._stop
         delta = {"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence}}
         delta["usage"] = {"output_tokens": run.usage.completion_tokens}
-        out.append(_sse("message_delta", delta))
-        out.append(_sse("message_stop", {"type": "message_stop"}))
+        out.append(_sse(delta))
+        out.append(_sse({"type": "message_stop"}))
         return out
 
     async def error(self, run: Run, error: APIError) -> bytes:

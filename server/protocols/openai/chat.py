@@ -18,7 +18,7 @@ import orjson
 
 from server import errors
 from server.errors import APIError
-from server.pipeline.events import ChoiceResult, Event, TextDelta
+from server.pipeline.events import ChoiceResult, Event, ParsedCall, ToolCallDelta, ToolCalls, ToolCallStart
 from server.pipeline.normalize import NORMALIZED_HEADER
 from server.pipeline.pipeline import Run
 from server.pipeline.request import (
@@ -33,7 +33,6 @@ from server.pipeline.request import (
     Tools,
     Turn,
 )
-from server.pipeline.tools import ParsedCall
 from server.protocols.openai.common import SSE_DONE, logprobs_content, sampling_of, usage_dict
 from server.protocols.openai.validation import check_request_fields
 from server.protocols.openai.wire import (
@@ -190,8 +189,13 @@ class ChatEncoder:
 
     def event(self, run: Run, event: Event) -> bytes | None:
         assert self.chunks is not None
-        if not isinstance(event, TextDelta):
-            return self.chunks.tool_calls(event.index, [tool_call_dict(call) for call in event.calls])
+        if isinstance(event, ToolCallStart):
+            start = {"id": event.id, "type": "function", "function": {"name": event.name, "arguments": ""}}
+            return self.chunks.tool_call(event.index, event.position, start)
+        if isinstance(event, ToolCallDelta):
+            return self.chunks.tool_call(event.index, event.position, {"function": {"arguments": event.arguments}})
+        if isinstance(event, ToolCalls):
+            return None  # each call was streamed as it was generated
         text, finish_reason = event.text, event.finish_reason
         if not text and finish_reason is None and not (self.keep_empty and event.token_ids):
             return None
@@ -301,9 +305,10 @@ class ChunkEncoder:
             choice["token_ids"] = token_ids
         return self._event([choice])
 
-    def tool_calls(self, index: int, calls: list[dict[str, Any]]) -> bytes:
-        deltas = [{"index": position, **call} for position, call in enumerate(calls)]
-        return self._event([{"index": index, "delta": {"tool_calls": deltas}, "logprobs": None, "finish_reason": None}])
+    def tool_call(self, index: int, position: int, piece: dict[str, Any]) -> bytes:
+        """A piece of a tool call: its start (id, name) or the next piece of its arguments."""
+        delta = {"tool_calls": [{"index": position, **piece}]}
+        return self._event([{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}])
 
     def usage(self, usage: dict[str, Any]) -> bytes:
         return self._event([], usage)

@@ -24,10 +24,10 @@ import orjson
 
 from server import errors
 from server.errors import APIError
-from server.pipeline.events import ChoiceResult, Event, TextDelta, Usage
+from server.pipeline.events import ChoiceResult, Event, ParsedCall, TextDelta, ToolCallDelta, ToolCallStart, Usage
 from server.pipeline.pipeline import Run
-from server.pipeline.tools import ParsedCall
-from server.protocols.responses.items import arguments_json, function_call_item, message_item
+from server.protocols.responses.items import function_call_item, message_item
+from server.protocols.sse import named_event
 
 Finished = Callable[[dict[str, Any], list[dict[str, Any]]], Awaitable[None]]
 
@@ -60,8 +60,9 @@ class ResponsesEncoder:
         self.record = record  # a background stream's log, which resumed streams replay
         self.sequence = 0
         self.output: list[dict[str, Any]] = []
-        self._message: dict[str, Any] | None = None  # the message item being streamed
+        self._message: tuple[int, dict[str, Any]] | None = None  # the message item being streamed, and its index
         self._text = ""
+        self._calls: list[int] = []  # the output indexes of the calls being streamed, by position
         self._finish: str | None = None
 
     # ---- the response object ----------------------------------------------------------------
@@ -83,124 +84,125 @@ class ResponsesEncoder:
         choice = choices[0]
         if choice.text.strip() or not choice.tool_calls:
             self.output.append(message_item(_item_id("msg"), choice.text, "completed"))
-        self.output += [function_call_item(_compact(call)) for call in choice.tool_calls]
+        self.output += [function_call_item(call) for call in choice.tool_calls]
         self._finish = choice.finish_reason
         final = self._final(run)
         await self.on_finished(final, self.output)
         return orjson.dumps(final)
 
-    # ---- the stream -------------------------------------------------------------------------
+    # ---- the stream: one method per step of the sequence, driven by the pipeline's events ---------
 
     def _event(self, kind: str, **fields: Any) -> bytes:
-        data = orjson.dumps({"type": kind, "sequence_number": self.sequence, **fields})
+        chunk = named_event(kind, {"type": kind, "sequence_number": self.sequence, **fields})
         self.sequence += 1
-        chunk = b"event: " + kind.encode() + b"\ndata: " + data + b"\n\n"
         if self.record is not None:
             self.record(chunk)
         return chunk
 
     def opening(self, run: Run) -> list[bytes]:
+        return self._started()
+
+    def _started(self) -> list[bytes]:
         started = self.response("in_progress", usage=None)
         return [
             self._event("response.created", response=started),
             self._event("response.in_progress", response=started),
         ]
 
-    def _open_message(self) -> list[bytes]:
-        self._message = message_item(_item_id("msg"), "", "in_progress")
-        self._message["content"] = []
+    def _open_message(self, item_id: str | None = None) -> list[bytes]:
+        item = message_item(item_id or _item_id("msg"), "", "in_progress")
+        item["content"] = []
+        self._message = (len(self.output), item)
+        self.output.append(item)
         self._text = ""
-        index = len(self.output)
         part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+        at = {"output_index": self._message[0], "item_id": item["id"]}
         return [
-            self._event("response.output_item.added", output_index=index, item=self._message),
-            self._event(
-                "response.content_part.added",
-                output_index=index,
-                item_id=self._message["id"],
-                content_index=0,
-                part=part,
-            ),
+            self._event("response.output_item.added", output_index=at["output_index"], item=item),
+            self._event("response.content_part.added", **at, content_index=0, part=part),
         ]
 
-    def _close_message(self) -> list[bytes]:
+    def _text_delta(self, text: str) -> list[bytes]:
+        out = [] if self._message is not None else self._open_message()
         assert self._message is not None
-        item = message_item(self._message["id"], self._text, "completed")
-        index, item_id = len(self.output), item["id"]
-        part = item["content"][0]
-        self.output.append(item)
+        self._text += text
+        at = {"output_index": self._message[0], "item_id": self._message[1]["id"]}
+        return [*out, self._event("response.output_text.delta", **at, content_index=0, delta=text, logprobs=[])]
+
+    def _close_message(self) -> list[bytes]:
+        if self._message is None:
+            return []
+        index, open_item = self._message
+        item = self.output[index] = message_item(open_item["id"], self._text, "completed")
         self._message = None
+        at = {"output_index": index, "item_id": item["id"]}
         return [
-            self._event(
-                "response.output_text.done",
-                output_index=index,
-                item_id=item_id,
-                content_index=0,
-                text=self._text,
-                logprobs=[],
-            ),
-            self._event("response.content_part.done", output_index=index, item_id=item_id, content_index=0, part=part),
+            self._event("response.output_text.done", **at, content_index=0, text=self._text, logprobs=[]),
+            self._event("response.content_part.done", **at, content_index=0, part=item["content"][0]),
             self._event("response.output_item.done", output_index=index, item=item),
         ]
+
+    def _start_call(self, call: ParsedCall) -> list[bytes]:
+        out = self._close_message()
+        item = function_call_item(ParsedCall(call.name, "", call.id), "in_progress")
+        self._calls.append(len(self.output))
+        self.output.append(item)
+        return [*out, self._event("response.output_item.added", output_index=self._calls[-1], item=item)]
+
+    def _call_delta(self, position: int, arguments: str) -> bytes:
+        index = self._calls[position]
+        self.output[index]["arguments"] += arguments
+        return self._event(
+            "response.function_call_arguments.delta",
+            output_index=index,
+            item_id=self.output[index]["id"],
+            delta=arguments,
+        )
+
+    def _end_calls(self, calls: list[ParsedCall]) -> list[bytes]:
+        out: list[bytes] = []
+        for index, call in zip(self._calls, calls, strict=True):
+            item = self.output[index] = function_call_item(call)
+            out.append(
+                self._event(
+                    "response.function_call_arguments.done",
+                    output_index=index,
+                    item_id=item["id"],
+                    arguments=call.arguments,
+                    name=call.name,
+                )
+            )
+            out.append(self._event("response.output_item.done", output_index=index, item=item))
+        self._calls = []
+        return out
+
+    def _ended(self, final: dict[str, Any]) -> bytes:
+        kinds = {"completed": "response.completed", "incomplete": "response.incomplete"}
+        return self._event(kinds.get(final["status"], "response.failed"), response=final)
 
     def event(self, run: Run, event: Event) -> bytes | None:
         out: list[bytes] = []
         if isinstance(event, TextDelta):
             if event.text:
-                if self._message is None:
-                    out += self._open_message()
-                self._text += event.text
-                assert self._message is not None
-                out.append(
-                    self._event(
-                        "response.output_text.delta",
-                        output_index=len(self.output),
-                        item_id=self._message["id"],
-                        content_index=0,
-                        delta=event.text,
-                        logprobs=[],
-                    )
-                )
+                out += self._text_delta(event.text)
             if event.finish_reason is not None:
                 self._finish = event.finish_reason
-            return b"".join(out) or None
-        if self._message is not None:
-            out += self._close_message()
-        for call in event.calls:
-            out += self._function_call(_compact(call))
-        return b"".join(out)
-
-    def _function_call(self, call: ParsedCall) -> list[bytes]:
-        index = len(self.output)
-        item = function_call_item(call)
-        started = {**item, "arguments": "", "status": "in_progress"}
-        self.output.append(item)
-        item_id = item["id"]
-        return [
-            self._event("response.output_item.added", output_index=index, item=started),
-            self._event(
-                "response.function_call_arguments.delta", output_index=index, item_id=item_id, delta=call.arguments
-            ),
-            self._event(
-                "response.function_call_arguments.done",
-                output_index=index,
-                item_id=item_id,
-                arguments=call.arguments,
-                name=call.name,
-            ),
-            self._event("response.output_item.done", output_index=index, item=item),
-        ]
+        elif isinstance(event, ToolCallStart):
+            out += self._start_call(ParsedCall(event.name, "", event.id))
+        elif isinstance(event, ToolCallDelta):
+            out.append(self._call_delta(event.position, event.arguments))
+        else:
+            out += self._end_calls(event.calls)
+        return b"".join(out) or None
 
     async def closing(self, run: Run) -> list[bytes]:
         out: list[bytes] = []
         if self._message is None and not self.output:
             out += self._open_message()  # nothing was generated: still one (empty) message
-        if self._message is not None:
-            out += self._close_message()
+        out += self._close_message()
         final = self._final(run)
         await self.on_finished(final, self.output)
-        kind = "response.completed" if final["status"] == "completed" else "response.incomplete"
-        out.append(self._event(kind, response=final))
+        out.append(self._ended(final))
         return out
 
     async def error(self, run: Run, error: APIError) -> bytes:
@@ -221,5 +223,26 @@ def _item_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:24]}"
 
 
-def _compact(call: ParsedCall) -> ParsedCall:
-    return ParsedCall(call.name, arguments_json(call.arguments), call.id)
+async def _nothing_to_store(final: dict[str, Any], output: list[dict[str, Any]]) -> None:
+    return None
+
+
+def replay(response: dict[str, Any], after: int | None = None) -> list[bytes]:
+    """A finished response's stream, made again from the stored object (any process, any time):
+    the same sequence as the live one, with each item's text and arguments in one delta (and so its
+    own numbering: `after` is a sequence number of this replay)."""
+    skeleton = {**response, "output": [], "usage": None, "error": None, "incomplete_details": None}
+    encoder = ResponsesEncoder(skeleton, _nothing_to_store)
+    out = encoder._started()
+    for item in response.get("output", []):
+        if item.get("type") == "message":
+            out += encoder._open_message(item["id"])
+            out += encoder._text_delta("".join(part.get("text", "") for part in item.get("content", [])))
+            out += encoder._close_message()
+        elif item.get("type") == "function_call":
+            call = ParsedCall(item["name"], item.get("arguments", ""), item["call_id"])
+            out += encoder._start_call(call)
+            out.append(encoder._call_delta(0, call.arguments))
+            out += encoder._end_calls([call])
+    out.append(encoder._ended(response))
+    return out[after + 1 :] if after is not None else out

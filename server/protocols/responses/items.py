@@ -14,15 +14,14 @@ Every other item type is a 400 naming it.
 
 from __future__ import annotations
 
-import json
 import uuid
 from typing import Any, Literal
 
 from pydantic import Field, ValidationError
 
 from server.errors import BadRequestError
+from server.pipeline.events import ParsedCall
 from server.pipeline.request import Image, Part, PastToolCall, Text, Turn
-from server.pipeline.tools import ParsedCall
 from server.protocols.validation import validation_error_to_api_error
 from server.protocols.wire_base import _Wire
 
@@ -203,11 +202,3 @@ def function_call_item(call: ParsedCall, status: str = "completed") -> dict[str,
         "arguments": call.arguments,
         "status": status,
     }
-
-
-def arguments_json(arguments: str) -> str:
-    """Arguments as the compact JSON text a client parses (the model's text may have spaces)."""
-    try:
-        return json.dumps(json.loads(arguments), ensure_ascii=False)
-    except ValueError:
-        return arguments

@@ -31,7 +31,7 @@ from starlette.responses import Response, StreamingResponse
 from server.errors import APIError, BadRequestError, NotFoundError
 from server.pipeline.pipeline import SSE_HEADERS, Pipeline, estimate_prompt_tokens
 from server.pipeline.request import ChatInput, Function, GenerationRequest, Output, Sampling, Tools, Turn
-from server.protocols.responses.encoder import ResponsesEncoder
+from server.protocols.responses.encoder import ResponsesEncoder, replay
 from server.protocols.responses.items import text_input, turns_of, with_ids
 from server.protocols.responses.wire import (
     IGNORED_RESPONSES_FIELDS,
@@ -221,7 +221,7 @@ class ResponsesService:
         if not record.background:
             raise BadRequestError("only background responses can be streamed again", param="stream")
         job = self._background.get(response_id)
-        chunks = job[1].follow(starting_after) if job is not None else _replay(record.response, starting_after)
+        chunks = job[1].follow(starting_after) if job is not None else _replayed(record.response, starting_after)
         return StreamingResponse(chunks, media_type="text/event-stream", headers=SSE_HEADERS)
 
     async def delete(self, response_id: str, caller: str) -> Response:
@@ -378,32 +378,6 @@ def _skeleton(
     return skeleton
 
 
-async def _replay(response: dict[str, Any], after: int | None) -> AsyncIterator[bytes]:
-    """A finished background response's events, rebuilt from the stored object (any process, any time)."""
-    events: list[tuple[str, dict[str, Any]]] = [
-        ("response.created", {"response": {**response, "status": "in_progress", "output": []}})
-    ]
-    for index, item in enumerate(response.get("output", [])):
-        events.append(("response.output_item.added", {"output_index": index, "item": item}))
-        if item.get("type") == "message":
-            for part in item.get("content", []):
-                text = part.get("text", "")
-                fields = {"output_index": index, "item_id": item["id"], "content_index": 0}
-                events.append(("response.output_text.delta", {**fields, "delta": text, "logprobs": []}))
-                events.append(("response.output_text.done", {**fields, "text": text, "logprobs": []}))
-        elif item.get("type") == "function_call":
-            fields = {"output_index": index, "item_id": item["id"]}
-            events.append(
-                (
-                    "response.function_call_arguments.done",
-                    {**fields, "arguments": item["arguments"], "name": item["name"]},
-                )
-            )
-        events.append(("response.output_item.done", {"output_index": index, "item": item}))
-    status = response.get("status")
-    final = {"completed": "response.completed", "incomplete": "response.incomplete"}.get(str(status), "response.failed")
-    events.append((final, {"response": response}))
-    for number, (kind, fields) in enumerate(events):
-        if after is None or number > after:
-            data = orjson.dumps({"type": kind, "sequence_number": number, **fields})
-            yield b"event: " + kind.encode() + b"\ndata: " + data + b"\n\n"
+async def _replayed(response: dict[str, Any], after: int | None) -> AsyncIterator[bytes]:
+    for chunk in replay(response, after):
+        yield chunk
