@@ -34,7 +34,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from server.engine.interface import EngineClient, EnginePrompt, PreparedPrompt, SamplingOptions, TokenLogprob
-from server.errors import APIError, BadRequestError, ModelNotFoundError
+from server.errors import APIError, BadRequestError, ContextLengthExceededError, ModelNotFoundError
 from server.media.images import ImageLoader
 from server.metrics import Metrics
 from server.pipeline.admission import Admission
@@ -316,16 +316,7 @@ class Pipeline:
 
     def _sampling_options(self, request: GenerationRequest, prompt: Prompt, plan: ToolPlan, n: int) -> SamplingOptions:
         output = request.output
-        max_tokens = max_tokens_for(
-            requested=output.max_tokens,
-            requested_param=output.max_tokens_param,
-            prompt_tokens=len(prompt.token_ids),
-            image_tokens=prompt.prepared.num_image_tokens,
-            max_model_len=self.engine.max_model_len,
-            default_max_tokens=self.settings.server.default_max_tokens,
-            max_tokens_cap=self.settings.server.max_tokens_cap,
-            prompt_param=prompt.param,
-        )
+        max_tokens = self._max_tokens(request, prompt)
         json_schema, json_object = plan.constraint, False
         if output.json_schema is not None or output.json_object:
             if plan.constraint is not None:
@@ -378,17 +369,33 @@ class Pipeline:
         until the prompt and the completion fit the context."""
         while True:
             prompt = await self.prepare_chat(chat, plan)
-            if not request.truncate_oldest or self._fits(prompt, request.output.max_tokens):
+            if not request.truncate_oldest or self._fits(request, prompt):
                 return prompt
             shorter = _without_oldest_turn(chat)
             if shorter is None:
                 return prompt  # nothing left to drop: the context check gives its 400
             chat = shorter
 
-    def _fits(self, prompt: Prompt, max_tokens: int | None) -> bool:
-        cap = self.settings.server.max_tokens_cap
-        wanted = min(max_tokens, cap) if max_tokens is not None and cap is not None else max_tokens
-        return len(prompt.token_ids) + (wanted or 1) <= self.engine.max_model_len
+    def _max_tokens(self, request: GenerationRequest, prompt: Prompt) -> int:
+        """The completion budget of `prompt` (`sampling.max_tokens_for`: the request's limit, the
+        operator's default and cap, the context); a 400 when they cannot fit."""
+        return max_tokens_for(
+            requested=request.output.max_tokens,
+            requested_param=request.output.max_tokens_param,
+            prompt_tokens=len(prompt.token_ids),
+            image_tokens=prompt.prepared.num_image_tokens,
+            max_model_len=self.engine.max_model_len,
+            default_max_tokens=self.settings.server.default_max_tokens,
+            max_tokens_cap=self.settings.server.max_tokens_cap,
+            prompt_param=prompt.param,
+        )
+
+    def _fits(self, request: GenerationRequest, prompt: Prompt) -> bool:
+        try:
+            self._max_tokens(request, prompt)
+        except ContextLengthExceededError:
+            return False
+        return True
 
     async def prepare_raw(self, prompt: RawPrompt) -> Prompt:
         """Text is tokenized as it is (Gemma's tokenizer adds <bos>); token ids must exist."""

@@ -6,10 +6,10 @@ This module imports neither vLLM nor FastAPI.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Annotated, Any
 
 import jsonschema
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, model_validator
 
 MAX_SCHEMA_DEPTH = 64
 MAX_SCHEMA_JSON_CHARS = 200_000
@@ -69,3 +69,7 @@ def _depth(value: Any, level: int) -> int:
     if isinstance(value, list):
         return max((_depth(v, level + 1) for v in value), default=level)
     return level
+
+
+# A JSON Schema field of any protocol (tool parameters, output formats), checked by `check_json_schema`.
+JsonSchema = Annotated[dict[str, Any], AfterValidator(check_json_schema)]

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
-from server.protocols.wire_base import _Wire, check_json_schema
+from server.protocols.wire_base import JsonSchema, _Wire
 
 MAX_MESSAGES = 2048
 MAX_TOOLS = 128
@@ -125,16 +125,9 @@ class MessageParam(_Wire):
 class ToolParam(_Wire):
     name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,128}$")
     description: str | None = Field(None, max_length=100_000)
-    input_schema: dict[str, Any] | None = None
+    input_schema: JsonSchema | None = None
     type: str | None = Field(None, description="'custom' or absent; Anthropic's server tools are skipped.")
     cache_control: CacheControl | None = None
-
-    @field_validator("input_schema")
-    @classmethod
-    def _valid_schema(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is not None:
-            check_json_schema(value)
-        return value
 
 
 class ToolChoice(_Wire):

@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, ValidationInfo, field_validator
 
-from server.protocols.wire_base import _Wire, check_json_schema
+from server.protocols.wire_base import JsonSchema, _Wire
 
 # Bounds on request fields. They keep one request from asking for unbounded work; the server's
 # admission control bounds the rest.
@@ -149,7 +149,7 @@ _NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
 class FunctionDefinition(_Wire):
     name: str = Field(pattern=_NAME_PATTERN, description="a-z, A-Z, 0-9, _ and -, at most 64 characters.")
     description: str | None = Field(None, max_length=8192)
-    parameters: dict[str, Any] | None = Field(None, description="A JSON Schema of the arguments (an object).")
+    parameters: JsonSchema | None = Field(None, description="A JSON Schema of the arguments (an object).")
     strict: bool | None = Field(None, description="Accepted; constrained calls always follow the schema.")
 
     @field_validator("parameters")
@@ -157,7 +157,6 @@ class FunctionDefinition(_Wire):
     def _valid_schema(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
         if value is None:
             return None
-        check_json_schema(value)
         if value.get("type", "object") != "object":
             raise ValueError("function parameters must be a JSON Schema of type 'object'")
         return value
@@ -183,13 +182,8 @@ ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
 class JsonSchemaFormat(_Wire):
     name: str = Field("response", pattern=_NAME_PATTERN)
     description: str | None = None
-    schema_: dict[str, Any] = Field(alias="schema", description="The JSON Schema the output must follow.")
+    schema_: JsonSchema = Field(alias="schema", description="The JSON Schema the output must follow.")
     strict: bool | None = Field(None, description="Accepted; the output is always constrained to the schema.")
-
-    @field_validator("schema_")
-    @classmethod
-    def _valid_schema(cls, value: dict[str, Any]) -> dict[str, Any]:
-        return check_json_schema(value)
 
 
 class ResponseFormat(_Wire):

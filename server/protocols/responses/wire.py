@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
-from server.protocols.wire_base import _Wire, check_json_schema
+from server.protocols.wire_base import JsonSchema, _Wire
 
 MAX_INPUT_ITEMS = 4096
 MAX_TOOLS = 256
@@ -46,15 +46,8 @@ class FunctionTool(_Wire):
     type: Literal["function"]
     name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
     description: str | None = Field(None, max_length=100_000)
-    parameters: dict[str, Any] | None = None
+    parameters: JsonSchema | None = None
     strict: bool | None = None
-
-    @field_validator("parameters")
-    @classmethod
-    def _valid_schema(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is not None:
-            check_json_schema(value)
-        return value
 
 
 class NamedFunction(_Wire):
@@ -65,14 +58,9 @@ class NamedFunction(_Wire):
 class TextFormat(_Wire):
     type: Literal["text", "json_object", "json_schema"] = "text"
     name: str | None = Field(None, max_length=64)
-    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    schema_: JsonSchema | None = Field(None, alias="schema")
     strict: bool | None = None
     description: str | None = None
-
-    @field_validator("schema_")
-    @classmethod
-    def _valid_schema(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        return check_json_schema(value) if value is not None else None
 
 
 class TextConfig(_Wire):
