@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 
 import anthropic
 import httpx
@@ -103,8 +104,12 @@ def test_a_forced_tool_call_round_trip(client: anthropic.Anthropic) -> None:
         tools=[WEATHER],
         tool_choice={"type": "any"},  # type: ignore[arg-type,list-item]
     ) as stream:
+        events = list(stream)
         streamed = stream.get_final_message()
     assert streamed.stop_reason == "tool_use" and streamed.content[-1].type == "tool_use"
+    # The tool input streams as it is generated (input_json_delta), not in one piece.
+    pieces = [e.delta.partial_json for e in events if e.type == "content_block_delta"]  # type: ignore[union-attr]
+    assert len(pieces) > 1 and json.loads("".join(pieces)) == streamed.content[-1].input  # type: ignore[union-attr]
     history = [
         *ask,
         {"role": "assistant", "content": [block.model_dump() for block in message.content]},

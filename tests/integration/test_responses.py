@@ -100,6 +100,18 @@ def test_a_forced_function_call_and_its_result(openai_client: openai.OpenAI) -> 
     assert call.type == "function_call" and call.name == "get_weather"
     assert json.loads(call.arguments)["city"] in ("Paris", "Lima")  # constrained to the schema
     assert response.model_extra is not None and response.model_extra["skipped_tools"] == ["web_search"]
+    with openai_client.responses.stream(
+        model=SERVED_MODEL,
+        input="Weather in Paris?",
+        tools=[WEATHER],  # type: ignore[list-item]
+        tool_choice="required",
+        max_output_tokens=64,
+    ) as stream:
+        events = list(stream)
+        streamed = stream.get_final_response()
+    # The arguments stream as they are generated; the pieces make the final arguments.
+    deltas = [e.delta for e in events if e.type == "response.function_call_arguments.delta"]  # type: ignore[union-attr]
+    assert len(deltas) > 1 and "".join(deltas) == streamed.output[-1].arguments  # type: ignore[union-attr]
     answer = openai_client.responses.create(
         model=SERVED_MODEL,
         previous_response_id=response.id,

@@ -164,10 +164,23 @@ def test_tool_calls_stream_as_deltas(openai_client: openai.OpenAI) -> None:
     deltas = [tc for c in chunks if c.choices for tc in c.choices[0].delta.tool_calls or []]
     finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert deltas and finish == ["tool_calls"]
-    assert all(delta.id and delta.type == "function" for delta in deltas)
+    # As OpenAI streams them: a call's first delta has its id, type and name; the arguments follow
+    # in pieces as they are generated.
+    streamed: dict[int, list[str]] = {}
+    pieces: dict[int, int] = {}
     for delta in deltas:
-        assert delta.function is not None and delta.function.name and delta.function.arguments is not None
-        _valid_call(delta.function.name, delta.function.arguments)
+        assert delta.function is not None and delta.function.arguments is not None
+        if delta.id is not None:
+            assert delta.type == "function" and delta.function.name and delta.index not in streamed
+            streamed[delta.index] = [delta.function.name, delta.function.arguments]
+            pieces[delta.index] = 0
+        else:
+            assert delta.function.name is None
+            streamed[delta.index][1] += delta.function.arguments
+            pieces[delta.index] += 1
+    for name, arguments in streamed.values():
+        _valid_call(name, arguments)
+    assert max(pieces.values()) > 1, pieces  # not in one piece at the end
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
     non_streamed = openai_client.chat.completions.create(
         model=SERVED_MODEL,
@@ -178,9 +191,7 @@ def test_tool_calls_stream_as_deltas(openai_client: openai.OpenAI) -> None:
         temperature=0,  # type: ignore[arg-type]
     )
     calls = non_streamed.choices[0].message.tool_calls or []
-    assert [(c.function.name, c.function.arguments) for c in calls] == [
-        (d.function.name, d.function.arguments) for d in deltas if d.function
-    ]
+    assert [[c.function.name, c.function.arguments] for c in calls] == list(streamed.values())
 
 
 def test_tool_results_go_back_into_the_conversation(openai_client: openai.OpenAI) -> None:
