@@ -102,7 +102,9 @@ def test_a_forced_tool_call_round_trip(client: anthropic.Anthropic) -> None:
         max_tokens=64,
         messages=ask,
         tools=[WEATHER],
-        tool_choice={"type": "any"},  # type: ignore[arg-type,list-item]
+        # One call, greedy: a bounded length (parallel calls at temperature 1 may run past max_tokens).
+        tool_choice={"type": "any", "disable_parallel_tool_use": True},  # type: ignore[arg-type,list-item]
+        extra_body={"temperature": 0},  # this SDK's stream() no longer takes sampling parameters
     ) as stream:
         events = list(stream)
         streamed = stream.get_final_message()
