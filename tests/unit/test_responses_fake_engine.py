@@ -236,3 +236,32 @@ async def test_a_replayed_stream_is_the_live_sequence(served, text: str) -> None
                 [e for e in live if e["type"] == kind], [e for e in replayed if e["type"] == kind], strict=True
             )
         ]
+
+
+async def test_a_store_that_cannot_open_is_a_503_before_generating(tokenizer: Any, tmp_path: Path) -> None:
+    """A read-only place for the SQLite file (the image's read-only root filesystem once did this):
+    stored requests get a clear 503 before anything is generated; store: false still works."""
+    script = Scripted()
+    engine = ScriptedEngine(tokenizer, script)
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the database's folder should be")
+
+    async def start() -> None:
+        pass
+
+    settings = Settings.model_validate(
+        {"model": {"served_name": "fake-gemma"}, "responses": {"url": f"sqlite:///{blocker / 'db' / 'r.db'}"}}
+    )
+    app = create_app(settings, engine=engine, start_engine=start)  # type: ignore[arg-type]
+    async with LifespanManager(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            client = openai.AsyncOpenAI(base_url="http://test/v1", api_key="none", http_client=http, max_retries=0)
+            script.text = "Hello there."
+            with pytest.raises(openai.InternalServerError) as refused:
+                await client.responses.create(model="fake-gemma", input="hi", stream=True)
+            assert refused.value.status_code == 503
+            assert refused.value.body["code"] == "response_store_unavailable"  # type: ignore[index]
+            assert engine.seen == []  # nothing was generated for it
+            answer = await client.responses.create(model="fake-gemma", input="hi", store=False)
+            assert answer.status == "completed" and answer.output_text == "Hello there."

@@ -28,7 +28,7 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from server.errors import APIError, BadRequestError, NotFoundError
+from server.errors import APIError, BadRequestError, NotFoundError, ServiceUnavailableError
 from server.pipeline.pipeline import SSE_HEADERS, Pipeline, estimate_prompt_tokens
 from server.pipeline.request import ChatInput, Function, GenerationRequest, Output, Sampling, Tools, Turn
 from server.protocols.responses.encoder import ResponsesEncoder, replay
@@ -88,7 +88,16 @@ class ResponsesService:
         """The store, opened on first use (interrupted background responses are failed then)."""
         async with self._opening:
             if self._store is None:
-                store = await self._open_store()
+                try:
+                    store = await self._open_store()
+                except Exception as error:  # any driver's failure: a path not writable, a database down
+                    # Not opened for good: the next request tries again (the database may come back).
+                    log.error("the stored-responses database (responses.url) could not be opened: %r", error)
+                    raise ServiceUnavailableError(
+                        "stored responses are unavailable: the server could not open its database (its log "
+                        "says why); a request with store: false and no previous_response_id still works",
+                        code="response_store_unavailable",
+                    ) from error
                 failed = await store.fail_interrupted(INTERRUPTED)
                 if failed:
                     log.warning("%d background response(s) were interrupted by a restart: marked failed", failed)
@@ -109,6 +118,8 @@ class ResponsesService:
             body, ignored=IGNORED_RESPONSES_FIELDS, refused=REFUSED_RESPONSES_FIELDS, protocol="Responses"
         )
         pipeline.check_model(body.model)
+        if body.store:
+            await self.store()  # a store that cannot open fails the request now, before it generates
         history: list[dict[str, Any]] = []
         if body.previous_response_id is not None:
             previous = await (await self.store()).get(body.previous_response_id, caller)
