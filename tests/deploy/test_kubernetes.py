@@ -341,3 +341,12 @@ def test_hpa_scales_on_the_adapters_metrics(rendered: dict[str, list[dict[str, A
     for rule in adapter["rules"]["custom"]:
         assert set(rule["resources"]["overrides"]) == {"namespace", "pod"}, "per-pod metrics need both labels"
     assert not [o for o in objects if o["kind"] == "ScaledObject"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_each_overlay_runs_its_own_image(rendered: dict[str, list[dict[str, Any]]], overlay: str) -> None:
+    """The CPU overlay once rendered the GPU image: its rename rule matched a name the base had
+    already replaced. (test_image.py runs the CPU overlay's pod with the image built here.)"""
+    image = container(find(rendered[overlay], "Deployment", "gemma-server"))["image"]
+    expected = "gemma-server:cpu" if overlay == "cpu" else "registry.example.com/gemma-server:0.1.0-gpu"
+    assert image == expected

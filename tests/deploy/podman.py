@@ -1,0 +1,125 @@
+"""The container tools of the image tests: podman (with the repo's containers.conf), the bases the
+Dockerfile's build ARGs point at on a machine without a registry, the CPU image's build, and a
+container or pod waited on until its server is ready.
+
+podman stands for Docker here: the Dockerfile, the `run` flags and the Kubernetes manifests are the
+ones a Docker or Kubernetes user runs; only the bases and two build-time mounts differ (see
+`build_cpu_image`).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.deploy.support import ROOT, TOOLS, tool
+
+CPU_IMAGE = "localhost/gemma-server:cpu"  # what the CPU overlay runs as gemma-server:cpu
+CONTAINERS_CONF = TOOLS / "containers.conf"
+READY_TIMEOUT_SECONDS = 900  # a cold engine start is 1-2 minutes; the machine stalls at times
+
+
+def podman(*args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [tool("podman"), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "CONTAINERS_CONF": str(CONTAINERS_CONF)},
+        check=False,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"podman {' '.join(args)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    return result
+
+
+def podman_json(*args: str) -> Any:
+    import json
+
+    return json.loads(podman(*args).stdout)
+
+
+@dataclass
+class Build:
+    seconds: float
+    size_bytes: int
+    log: Path
+
+
+def build_cpu_image(log: Path) -> Build:
+    """`podman build --target cpu` of the repo's Dockerfile, as a Docker user builds it, except:
+    - the bases are local (deploy/tools/base-images.sh: Debian 12 from Debian's packages, the pinned
+      uv binary): no registry is reachable here;
+    - two build-time mounts, named by build ARGs that are unset by default: this machine's CA bundle
+      (package downloads here go through a private CA) and its uv cache (no wheel is downloaded
+      twice). A mount leaves nothing in the image; the tests check it.
+    - `--format docker`: the OCI format has no HEALTHCHECK, and podman drops it silently.
+    Layers are cached in podman's storage (as untagged intermediate images: pruning them empties the
+    cache): a second build on one machine redoes only what changed.
+    """
+    base_args = subprocess.run(
+        ["bash", str(TOOLS / "base-images.sh")],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "CONTAINERS_CONF": str(CONTAINERS_CONF)},
+        check=False,
+    )
+    assert base_args.returncode == 0, base_args.stderr[-3000:]
+    uv_cache = subprocess.run(
+        [*_uv(), "cache", "dir"], capture_output=True, text=True, check=True, timeout=60
+    ).stdout.strip()
+    ca_bundle = os.environ.get("SSL_CERT_FILE") or "/etc/ssl/certs/ca-certificates.crt"
+    started = time.monotonic()
+    with log.open("w") as out:
+        result = subprocess.run(
+            [
+                tool("podman"), "build", "--format", "docker", "--target", "cpu", "--tag", CPU_IMAGE,
+                *base_args.stdout.split(),
+                "--volume", f"{uv_cache}:/uv-cache", "--build-arg", "UV_CACHE_DIR=/uv-cache",
+                "--volume", f"{ca_bundle}:/run/build-ca.crt:ro", "--build-arg", "SSL_CERT_FILE=/run/build-ca.crt",
+                str(ROOT),
+            ],
+            stdout=out, stderr=subprocess.STDOUT, timeout=3600, check=False,
+            env={**os.environ, "CONTAINERS_CONF": str(CONTAINERS_CONF)},
+        )  # fmt: skip
+    seconds = time.monotonic() - started
+    assert result.returncode == 0, f"the image did not build:\n{tail(log)}"
+    size = int(podman("image", "inspect", CPU_IMAGE, "--format", "{{.Size}}").stdout)
+    return Build(seconds, size, log)
+
+
+def _uv() -> list[str]:
+    import shutil
+
+    return [found] if (found := shutil.which("uv")) else ["python3", "-m", "uv"]
+
+
+def tail(path: Path, lines: int = 60) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def logs(container: str, lines: int = 60) -> str:
+    out = podman("logs", "--tail", str(lines), container, check=False)
+    return out.stdout + out.stderr
+
+
+def wait_ready(base_url: str, container: str) -> float:
+    """Seconds until GET /ready is 200; fails with the container's log if it stops or never gets there."""
+    started = time.monotonic()
+    while True:
+        running = podman("inspect", container, "--format", "{{.State.Running}}", check=False).stdout.strip()
+        assert running == "true", f"{container} is not running:\n{logs(container)}"
+        try:
+            if httpx.get(f"{base_url}/ready", timeout=5).status_code == 200:
+                return time.monotonic() - started
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() - started < READY_TIMEOUT_SECONDS, f"{container} not ready:\n{logs(container)}"
+        time.sleep(1)
