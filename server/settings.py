@@ -268,6 +268,13 @@ class ResponsesStoreSettings(_Section):
         description="Cap on the stored size (response JSON plus each image once); beyond it the oldest "
         "responses are deleted first.",
     )
+    background_lease_seconds: float = Field(
+        120.0,
+        ge=5,
+        description="The API process running a background response renews its lease every quarter of "
+        "this; one whose lease lapses (its process died) reads failed. Longer than the worst stall of "
+        "the machine, or a live response may be failed while its process is frozen.",
+    )
 
     @field_validator("url")
     @classmethod

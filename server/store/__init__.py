@@ -9,7 +9,7 @@ choice between them from the settings (factory.py).
 
 It imports neither vLLM, FastAPI, nor anything under server/protocols or server/pipeline: the
 adapter calls it with plain dicts, and the store never interprets a Response beyond its `status`
-and `error` fields (set by `fail_interrupted`).
+and `error` fields (set by `fail_abandoned`).
 """
 
 from server.store.base import ResponseStore, StoreUsage

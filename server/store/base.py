@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -44,9 +44,11 @@ class StoreUsage:
 class ResponseStore(ABC):
     """Stored Responses, by id and owner. Every method is one short transaction."""
 
-    def __init__(self, *, retention_seconds: float, max_bytes: int) -> None:
+    def __init__(self, *, retention_seconds: float, max_bytes: int, lease_seconds: float = 120.0) -> None:
         self.retention_seconds = retention_seconds
         self.max_bytes = max_bytes
+        self.lease_seconds = lease_seconds
+        """How long a put of an unfinished background response, or a heartbeat, vouches for it."""
 
     @abstractmethod
     async def open(self) -> None:
@@ -57,7 +59,8 @@ class ResponseStore(ABC):
 
     @abstractmethod
     async def put(self, record: StoredResponse) -> None:
-        """Inserts, or replaces the row of the same id (a background response's status updates)."""
+        """Inserts, or replaces the row of the same id (a background response's status updates).
+        An unfinished background response is leased to the caller for `lease_seconds`."""
 
     @abstractmethod
     async def get(self, response_id: str, owner: str) -> StoredResponse | None:
@@ -75,9 +78,16 @@ class ResponseStore(ABC):
         missing or not the owner's. `after` is an item id, as in OpenAI's cursor pagination."""
 
     @abstractmethod
-    async def fail_interrupted(self, reason: str) -> int:
-        """At start-up: every queued/in_progress response becomes failed, with a server_error carrying
-        `reason`. Returns how many."""
+    async def heartbeat(self, running: Sequence[str]) -> set[str]:
+        """Renews the leases of the background responses this process is running. Returns those of
+        them it should stop: deleted, or cancelled (by any process: the request may have reached
+        another API process or replica)."""
+
+    @abstractmethod
+    async def fail_abandoned(self, reason: str) -> int:
+        """Every queued/in_progress response whose lease has lapsed (the process running it died, or
+        it was left by a server without leases) becomes failed, with a server_error carrying
+        `reason`. Responses other live processes are running are untouched. Returns how many."""
 
     @abstractmethod
     async def enforce_limits(self) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from server.settings import ResponsesStoreSettings
 from server.store.base import ResponseStore
@@ -29,11 +30,15 @@ def sqlite_path(url: str) -> Path:
 
 def store_for(settings: ResponsesStoreSettings) -> ResponseStore:
     """The backend `settings.url` names, not yet opened."""
-    retention, cap = settings.retention_seconds, settings.max_bytes
+    limits: dict[str, Any] = {
+        "retention_seconds": settings.retention_seconds,
+        "max_bytes": settings.max_bytes,
+        "lease_seconds": settings.background_lease_seconds,
+    }
     if settings.url.startswith(SQLITE_PREFIX):
-        return SqliteResponseStore(sqlite_path(settings.url), retention_seconds=retention, max_bytes=cap)
+        return SqliteResponseStore(sqlite_path(settings.url), **limits)
     if settings.url.startswith(POSTGRES_PREFIXES):
-        return PostgresResponseStore(settings.url, retention_seconds=retention, max_bytes=cap)
+        return PostgresResponseStore(settings.url, **limits)
     raise ValueError(f"responses.url must start with sqlite:/// or postgresql:// (got {settings.url!r})")
 
 

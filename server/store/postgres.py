@@ -58,8 +58,8 @@ class _PostgresTransaction:
 
 
 class PostgresResponseStore(SqlResponseStore):
-    def __init__(self, url: str, *, retention_seconds: float, max_bytes: int) -> None:
-        super().__init__(retention_seconds=retention_seconds, max_bytes=max_bytes)
+    def __init__(self, url: str, *, retention_seconds: float, max_bytes: int, lease_seconds: float = 120.0) -> None:
+        super().__init__(retention_seconds=retention_seconds, max_bytes=max_bytes, lease_seconds=lease_seconds)
         self.url = url
         self._pool: asyncpg.Pool | None = None
 

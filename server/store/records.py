@@ -9,8 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-# A background response in one of these states is still being worked on by some process; if that
-# process died, `ResponseStore.fail_interrupted` is what tells the client so.
+# A background response in one of these states is still being worked on by some process, which holds
+# a lease on it; if that process died, its lease lapses and `ResponseStore.fail_abandoned` is what
+# tells the client so.
 ACTIVE_STATUSES = ("queued", "in_progress")
 
 

@@ -12,8 +12,10 @@ The kind tells the backend how to isolate it:
   SQLite serializes all writers anyway, PostgreSQL takes an advisory lock (postgres.py).
 
 Tables: `responses` (one row per response: JSON text with blob references, and its size),
-`blobs` (each image once, by hash) and `response_blobs` (which rows refer to which blobs; a blob no
-row refers to is deleted by the next sweep).
+`blobs` (each image once, by hash), `response_blobs` (which rows refer to which blobs; a blob no
+row refers to is deleted by the next sweep) and `background_leases` (until when the process running
+a background response vouches for it; see `ResponseStore.heartbeat`). The leases are a table of
+their own so that a database made before them gains them with CREATE TABLE IF NOT EXISTS.
 """
 
 from __future__ import annotations
@@ -77,6 +79,10 @@ def schema(*, float_type: str, blob_type: str) -> list[str]:
             PRIMARY KEY (response_id, hash)
         )""",
         "CREATE INDEX IF NOT EXISTS response_blobs_by_hash ON response_blobs (hash)",
+        f"""CREATE TABLE IF NOT EXISTS background_leases (
+            response_id TEXT PRIMARY KEY REFERENCES responses (id) ON DELETE CASCADE,
+            expires_at {float_type} NOT NULL
+        )""",
     ]
 
 
@@ -114,6 +120,7 @@ class SqlResponseStore(ResponseStore):
                 "INSERT INTO response_blobs (response_id, hash) VALUES (?, ?)",
                 [(record.id, digest) for digest in encoded.blobs],
             )
+            await _set_lease(tx, record, time.time() + self.lease_seconds)
 
     async def get(self, response_id: str, owner: str) -> StoredResponse | None:
         async with self.transaction("read") as tx:
@@ -142,11 +149,31 @@ class SqlResponseStore(ResponseStore):
             blobs = await _blobs_by_hash(tx, sorted(referenced_blobs(page)))
         return restore_blobs(page, blobs), has_more
 
-    async def fail_interrupted(self, reason: str) -> int:
+    async def heartbeat(self, running: Sequence[str]) -> set[str]:
+        if not running:
+            return set()
+        until = time.time() + self.lease_seconds
+        stopped: set[str] = set()
+        async with self.transaction("write") as tx:
+            for chunk in _chunks(running):
+                marks = _placeholders(len(chunk))
+                await tx.execute(
+                    f"UPDATE background_leases SET expires_at = ? WHERE response_id IN ({marks})", until, *chunk
+                )
+                rows = await tx.fetch(f"SELECT id, status FROM responses WHERE id IN ({marks})", *chunk)
+                still_there = {response_id for response_id, status in rows if status != "cancelled"}
+                stopped.update(response_id for response_id in chunk if response_id not in still_there)
+        return stopped
+
+    async def fail_abandoned(self, reason: str) -> int:
         async with self.transaction("write") as tx:
             active = _placeholders(len(ACTIVE_STATUSES))
             rows = await tx.fetch(
-                f"SELECT id, response, size_bytes FROM responses WHERE status IN ({active})", *ACTIVE_STATUSES
+                f"""SELECT r.id, r.response, r.size_bytes FROM responses r
+                LEFT JOIN background_leases l ON l.response_id = r.id
+                WHERE r.status IN ({active}) AND (l.expires_at IS NULL OR l.expires_at < ?)""",
+                *ACTIVE_STATUSES,
+                time.time(),
             )
             updates = []
             for response_id, response_json, size_bytes in rows:
@@ -154,6 +181,7 @@ class SqlResponseStore(ResponseStore):
                 new_size = size_bytes - len(response_json.encode()) + len(failed_json.encode())
                 updates.append(("failed", failed_json, new_size, response_id))
             await tx.executemany("UPDATE responses SET status = ?, response = ?, size_bytes = ? WHERE id = ?", updates)
+            await tx.executemany("DELETE FROM background_leases WHERE response_id = ?", [row[3:] for row in updates])
         return len(updates)
 
     async def enforce_limits(self) -> int:
@@ -212,6 +240,20 @@ async def _upsert_row(tx: Transaction, encoded: EncodedRecord) -> None:
         encoded.history_json,
         encoded.size_bytes,
     )
+
+
+async def _set_lease(tx: Transaction, record: StoredResponse, expires_at: float) -> None:
+    """An unfinished background response is leased to the process putting it (which then renews
+    the lease with `heartbeat`); a finished one needs none."""
+    if record.background and record.status in ACTIVE_STATUSES:
+        await tx.execute(
+            "INSERT INTO background_leases (response_id, expires_at) VALUES (?, ?) "
+            "ON CONFLICT (response_id) DO UPDATE SET expires_at = excluded.expires_at",
+            record.id,
+            expires_at,
+        )
+    else:
+        await tx.execute("DELETE FROM background_leases WHERE response_id = ?", record.id)
 
 
 async def _insert_missing_blobs(tx: Transaction, blobs: dict[str, bytes]) -> None:

@@ -46,8 +46,8 @@ class _SqliteTransaction:
 
 
 class SqliteResponseStore(SqlResponseStore):
-    def __init__(self, path: Path, *, retention_seconds: float, max_bytes: int) -> None:
-        super().__init__(retention_seconds=retention_seconds, max_bytes=max_bytes)
+    def __init__(self, path: Path, *, retention_seconds: float, max_bytes: int, lease_seconds: float = 120.0) -> None:
+        super().__init__(retention_seconds=retention_seconds, max_bytes=max_bytes, lease_seconds=lease_seconds)
         self.path = path
         self._connection: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()

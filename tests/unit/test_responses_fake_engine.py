@@ -21,7 +21,7 @@ from asgi_lifespan import LifespanManager
 from server.app import create_app
 from server.protocols.responses.encoder import replay
 from server.settings import Settings
-from tests.support.fake_engine import Scripted, ScriptedEngine
+from tests.support.fake_engine import MODEL, PacedEngine, Scripted, ScriptedEngine, fake_settings, running_app
 
 WEATHER = {
     "type": "function",
@@ -265,3 +265,50 @@ async def test_a_store_that_cannot_open_is_a_503_before_generating(tokenizer: An
             assert engine.seen == []  # nothing was generated for it
             answer = await client.responses.create(model="fake-gemma", input="hi", store=False)
             assert answer.status == "completed" and answer.output_text == "Hello there."
+
+
+async def _poll(http: httpx.AsyncClient, response_id: str, until: Any, seconds: float = 10) -> dict[str, Any]:
+    deadline = asyncio.get_running_loop().time() + seconds
+    while True:
+        body = (await http.get(f"/v1/responses/{response_id}")).json()
+        if until(body) or asyncio.get_running_loop().time() > deadline:
+            return body  # type: ignore[no-any-return]
+        await asyncio.sleep(0.05)
+
+
+async def test_api_processes_on_one_store_share_background_responses(tmp_path: Path) -> None:
+    """Two apps on one store file are what two API processes of a server are (and, on PostgreSQL,
+    two replicas): one opening the store must not fail the other's running background response, a
+    cancel that reaches the other process stops the generation, and a process that shuts down
+    leaves its unfinished response failed with a reason, not in progress and not "cancelled"; a
+    stream of a response that runs elsewhere follows it to its end."""
+    settings = fake_settings(responses={"url": f"sqlite:///{tmp_path / 'responses.db'}", "background_lease_seconds": 5})
+    slow = {"model": MODEL, "input": "Work slowly", "background": True, "max_output_tokens": 2000}
+    async with running_app(settings, PacedEngine()) as (_, other, _):
+        async with running_app(settings, PacedEngine(token_seconds=0.02)) as (_, runner, runner_engine):
+            running = (await runner.post("/v1/responses", json=slow)).json()
+            await _poll(runner, running["id"], lambda body: body["status"] == "in_progress")
+            assert (await other.post("/v1/responses", json={"model": MODEL, "input": "Hi"})).status_code == 200
+            assert (await other.get(f"/v1/responses/{running['id']}")).json()["status"] == "in_progress"
+
+            # A stream of it from the other process follows it to the end (there, it waits, then replays).
+            short = (await runner.post("/v1/responses", json={**slow, "max_output_tokens": 20})).json()
+            followed = await other.get(f"/v1/responses/{short['id']}", params={"stream": "true"})
+            events = _sse_events(followed.text)
+            assert events[-1]["type"] == "response.incomplete", events[-1]
+            assert events[-1]["response"]["usage"]["output_tokens"] == 20
+
+            assert (await other.post(f"/v1/responses/{running['id']}/cancel")).json()["status"] == "cancelled"
+            for _ in range(200):  # the runner sees it at its next heartbeat (a quarter of the lease)
+                if runner_engine.generating == 0:
+                    break
+                await asyncio.sleep(0.05)
+            assert runner_engine.generating == 0
+            assert (await runner.get(f"/v1/responses/{running['id']}")).json()["status"] == "cancelled"
+
+            unfinished = (await runner.post("/v1/responses", json=slow)).json()
+            await _poll(runner, unfinished["id"], lambda body: body["status"] == "in_progress")
+        stopped = (await other.get(f"/v1/responses/{unfinished['id']}")).json()
+        assert stopped["status"] == "failed", stopped
+        assert stopped["error"]["code"] == "server_error"
+        assert "stopped before it finished" in stopped["error"]["message"]

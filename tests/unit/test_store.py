@@ -35,7 +35,7 @@ from tests.support.postgres import PostgresServer, running_postgres
 
 ROOT = Path(__file__).resolve().parents[2]
 DAY = 24 * 3600.0
-TABLES = ("response_blobs", "blobs", "responses")
+TABLES = ("background_leases", "response_blobs", "blobs", "responses")
 
 
 @pytest.fixture(scope="session")
@@ -63,6 +63,18 @@ class Backend:
         connection = await asyncpg.connect(self.url)
         try:
             return int(await connection.fetchval(f"SELECT COUNT(*) FROM {table}"))
+        finally:
+            await connection.close()
+
+    async def drop_table(self, table: str) -> None:
+        assert table in TABLES
+        if self.name == "sqlite":
+            with sqlite3.connect(sqlite_path(self.url)) as connection:
+                connection.execute(f"DROP TABLE {table}")
+            return
+        connection = await asyncpg.connect(self.url)
+        try:
+            await connection.execute(f"DROP TABLE {table}")
         finally:
             await connection.close()
 
@@ -206,23 +218,73 @@ async def test_a_put_of_the_same_id_replaces_the_row(backend: Backend, store: Re
     assert await backend.table_rows("responses") == 1
 
 
-async def test_fail_interrupted_fails_only_unfinished_responses(store: ResponseStore) -> None:
-    for response_id, status in [("resp_q", "queued"), ("resp_p", "in_progress"), ("resp_c", "completed")]:
-        await store.put(record(response_id, status=status, background=True))
-    size_before = (await store.usage()).total_bytes
+async def test_a_response_running_elsewhere_is_failed_only_once_its_lease_lapses(backend: Backend) -> None:
+    """Two stores on one database are two API processes (or replicas): one opening or sweeping must
+    not fail what the other is running; once the runner stops renewing, the next sweep does."""
+    runner, sweeper = await backend.open(), await backend.open()
+    try:
+        for response_id, status in [("resp_q", "queued"), ("resp_p", "in_progress"), ("resp_c", "completed")]:
+            await runner.put(record(response_id, status=status, background=True))
+        size_before = (await sweeper.usage()).total_bytes
+        assert await backend.table_rows("background_leases") == 2
+        assert await sweeper.fail_abandoned("the process stopped") == 0
+        assert (await sweeper.get("resp_p", "alice")).status == "in_progress"  # type: ignore[union-attr]
 
-    assert await store.fail_interrupted("the server restarted") == 2
+        runner.lease_seconds = 0  # its last heartbeat vouches for no time at all: the runner "died"
+        assert await runner.heartbeat(["resp_q", "resp_p"]) == set()
+        await asyncio.sleep(0.01)
+        assert await sweeper.fail_abandoned("the process stopped") == 2
 
-    for response_id in ("resp_q", "resp_p"):
-        failed = await store.get(response_id, "alice")
-        assert failed is not None and failed.status == "failed"
-        assert failed.response["status"] == "failed"
-        assert failed.response["error"] == {"code": "server_error", "message": "the server restarted"}
-        assert failed.response["output"] == record(response_id).response["output"]
-    completed = await store.get("resp_c", "alice")
-    assert completed is not None and completed.status == "completed" and "error" not in completed.response
-    assert (await store.usage()).total_bytes > size_before
-    assert await store.fail_interrupted("again") == 0
+        for response_id in ("resp_q", "resp_p"):
+            failed = await sweeper.get(response_id, "alice")
+            assert failed is not None and failed.status == "failed"
+            assert failed.response["status"] == "failed"
+            assert failed.response["error"] == {"code": "server_error", "message": "the process stopped"}
+            assert failed.response["output"] == record(response_id).response["output"]
+        completed = await sweeper.get("resp_c", "alice")
+        assert completed is not None and completed.status == "completed" and "error" not in completed.response
+        assert (await sweeper.usage()).total_bytes > size_before
+        assert await backend.table_rows("background_leases") == 0
+        assert await sweeper.fail_abandoned("again") == 0
+    finally:
+        await runner.close()
+        await sweeper.close()
+
+
+async def test_a_heartbeat_renews_leases_and_names_what_was_stopped_elsewhere(backend: Backend) -> None:
+    runner, other = await backend.open(), await backend.open()
+    try:
+        runner.lease_seconds = 0
+        for response_id in ("resp_a", "resp_b", "resp_c"):
+            await runner.put(record(response_id, status="in_progress", background=True))
+        runner.lease_seconds = 3600
+        assert await runner.heartbeat(["resp_a", "resp_b", "resp_c"]) == set()
+        await asyncio.sleep(0.01)
+        assert await other.fail_abandoned("the process stopped") == 0  # renewed, so not lapsed
+
+        cancelled = record("resp_b", status="cancelled", background=True)
+        await other.put(cancelled)
+        assert await other.delete("resp_c", "alice") is True
+        assert await runner.heartbeat(["resp_a", "resp_b", "resp_c"]) == {"resp_b", "resp_c"}
+        assert await backend.table_rows("background_leases") == 1  # resp_a's; finished and deleted ones hold none
+        assert await runner.heartbeat([]) == set()
+    finally:
+        await runner.close()
+        await other.close()
+
+
+async def test_a_database_from_before_leases_gains_them_and_fails_its_orphans(backend: Backend) -> None:
+    """A response left in progress by a server that kept no leases has none: the first sweep fails it."""
+    store = await backend.open()
+    await store.put(record("resp_old", status="in_progress", background=True))
+    await store.close()
+    await backend.drop_table("background_leases")
+    reopened = await backend.open()
+    try:
+        assert await reopened.fail_abandoned("the process stopped") == 1
+        assert await backend.table_rows("background_leases") == 0
+    finally:
+        await reopened.close()
 
 
 async def test_retention_deletes_responses_older_than_it(backend: Backend) -> None:

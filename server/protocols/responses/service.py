@@ -6,8 +6,10 @@
   response, its input items and the whole conversation are written before the answer's last byte.
 - `background: true` answers at once with a `queued` response and runs the generation in a task
   that takes an admission slot like any request; `retrieve` polls it, `retrieve(stream=True)`
-  follows its events (from `starting_after`), `cancel` stops it. A background response found
-  `queued`/`in_progress` when the store opens (the server restarted under it) is marked failed.
+  follows its events (from `starting_after`), `cancel` stops it. The process running background
+  responses renews their leases in the store (`_keep_leases`), and stops any of them that another
+  API process or replica cancelled or deleted; one whose lease lapsed (its process died) is marked
+  failed by whichever process sweeps next, so it never stays `in_progress`.
 - Every stored response belongs to the caller that made it (`server.edge.auth.caller_of`): another
   key gets 404 for it on every route.
 
@@ -46,7 +48,8 @@ from server.store.records import ACTIVE_STATUSES, StoredResponse
 log = logging.getLogger(__name__)
 
 StoreOpener = Callable[[], Awaitable[Any]]  # -> server.store.base.ResponseStore
-INTERRUPTED = "the server restarted while this response was in progress"
+FOLLOW_POLL_SECONDS = 0.5  # how often a stream of a response running elsewhere checks whether it has finished
+INTERRUPTED = "the server process running this response stopped before it finished (restarted or died)"
 
 
 class _EventLog:
@@ -83,9 +86,11 @@ class ResponsesService:
         self._store: Any = None
         self._opening = asyncio.Lock()
         self._background: dict[str, tuple[asyncio.Task[None], _EventLog]] = {}
+        self._lease_keeper: asyncio.Task[None] | None = None
+        self._closing = False  # set at shutdown: a background response cut short then failed, not cancelled
 
     async def store(self) -> Any:
-        """The store, opened on first use (interrupted background responses are failed then)."""
+        """The store, opened on first use (background responses whose process died are failed then)."""
         async with self._opening:
             if self._store is None:
                 try:
@@ -98,13 +103,29 @@ class ResponsesService:
                         "says why); a request with store: false and no previous_response_id still works",
                         code="response_store_unavailable",
                     ) from error
-                failed = await store.fail_interrupted(INTERRUPTED)
-                if failed:
-                    log.warning("%d background response(s) were interrupted by a restart: marked failed", failed)
+                await _fail_abandoned(store)
                 self._store = store
+                self._lease_keeper = asyncio.create_task(self._keep_leases(store))
         return self._store
 
+    async def _keep_leases(self, store: Any) -> None:
+        """Every quarter of the lease: renew the leases of this process's background responses, stop
+        those cancelled or deleted elsewhere, and fail those whose process died."""
+        while True:
+            await asyncio.sleep(store.lease_seconds / 4)
+            try:
+                for response_id in await store.heartbeat(list(self._background)):
+                    job = self._background.get(response_id)
+                    if job is not None:
+                        job[0].cancel()
+                await _fail_abandoned(store)
+            except Exception:  # a database briefly down: the next beat tries again
+                log.exception("renewing background responses' leases failed")
+
     async def aclose(self) -> None:
+        self._closing = True
+        if self._lease_keeper is not None:
+            self._lease_keeper.cancel()
         for task, _ in list(self._background.values()):
             task.cancel()
         await asyncio.gather(*(task for task, _ in self._background.values()), return_exceptions=True)
@@ -156,8 +177,8 @@ class ResponsesService:
             store = await self.store()
             if body.background:
                 current = await store.get(response_id, caller)
-                if current is not None and current.status == "cancelled":
-                    return  # cancelled meanwhile: the cancellation stands
+                if current is None or current.status == "cancelled":
+                    return  # deleted or cancelled meanwhile: that stands
             record = StoredResponse(
                 response_id, caller, created_at, final["status"], final, input_items, [*history, *input_items, *output]
             )
@@ -185,23 +206,43 @@ class ResponsesService:
         request.output.stream = True  # events go to the log, for streams that follow it
         events = _EventLog()
         encoder = ResponsesEncoder(skeleton, on_finished, record=events.append)
-        task = asyncio.create_task(self._run_background(pipeline, request, encoder, events))
+        store = await self.store()
+
+        async def started() -> None:
+            current = await store.get(request.request_id, caller)
+            if current is not None and current.status == "queued":  # not cancelled or deleted meanwhile
+                current.status = "in_progress"
+                current.response = {**current.response, "status": "in_progress"}
+                await store.put(current)
+
+        task = asyncio.create_task(self._run_background(pipeline, request, encoder, events, started))
         self._background[request.request_id] = (task, events)
         if body.stream:
             return StreamingResponse(events.follow(None), media_type="text/event-stream", headers=SSE_HEADERS)
         return Response(orjson.dumps(queued), media_type="application/json")
 
     async def _run_background(
-        self, pipeline: Pipeline, request: GenerationRequest, encoder: ResponsesEncoder, events: _EventLog
+        self,
+        pipeline: Pipeline,
+        request: GenerationRequest,
+        encoder: ResponsesEncoder,
+        events: _EventLog,
+        started: Callable[[], Awaitable[None]],
     ) -> None:
         try:
             async with pipeline.admission.slot(estimate_prompt_tokens(request), None):
                 run = await pipeline.start(request)
+                await started()  # queued -> in_progress in the store, for pollers on any process
                 async for _chunk in pipeline.stream(run, encoder):
                     pass  # the encoder records every chunk in the log
         except asyncio.CancelledError:
+            stopped = (
+                encoder.response("failed", error={"code": "server_error", "message": INTERRUPTED})
+                if self._closing
+                else encoder.response("cancelled")
+            )
             with contextlib.suppress(Exception):
-                await encoder.on_finished(encoder.response("cancelled"), encoder.output)
+                await encoder.on_finished(stopped, encoder.output)
         except APIError as error:
             with contextlib.suppress(Exception):
                 failed = encoder.response(
@@ -232,8 +273,24 @@ class ResponsesService:
         if not record.background:
             raise BadRequestError("only background responses can be streamed again", param="stream")
         job = self._background.get(response_id)
-        chunks = job[1].follow(starting_after) if job is not None else _replayed(record.response, starting_after)
+        if job is not None:
+            chunks = job[1].follow(starting_after)
+        else:  # finished, or running on another API process or replica
+            chunks = self._replayed_when_finished(record, starting_after)
         return StreamingResponse(chunks, media_type="text/event-stream", headers=SSE_HEADERS)
+
+    async def _replayed_when_finished(self, record: StoredResponse, after: int | None) -> AsyncIterator[bytes]:
+        """The stored events once the response has finished: the process running it is the only one
+        with its live events, so elsewhere a follower waits for the end, then gets the whole sequence."""
+        store = await self.store()
+        while record.status in ACTIVE_STATUSES:
+            await asyncio.sleep(FOLLOW_POLL_SECONDS)
+            found = await store.get(record.id, record.owner)
+            if found is None:  # deleted meanwhile: the stream ends with what was stored
+                break
+            record = found
+        for chunk in replay(record.response, after):
+            yield chunk
 
     async def delete(self, response_id: str, caller: str) -> Response:
         if not await (await self.store()).delete(response_id, caller):
@@ -275,6 +332,12 @@ class ResponsesService:
                 with contextlib.suppress(BaseException):
                     await job[0]
         return Response(orjson.dumps(record.response), media_type="application/json")
+
+
+async def _fail_abandoned(store: Any) -> None:
+    failed = await store.fail_abandoned(INTERRUPTED)
+    if failed:
+        log.warning("%d background response(s) whose server process stopped were marked failed", failed)
 
 
 # ---- the request's parts ------------------------------------------------------------------------
@@ -387,8 +450,3 @@ def _skeleton(
     if skipped:
         skeleton["skipped_tools"] = skipped
     return skeleton
-
-
-async def _replayed(response: dict[str, Any], after: int | None) -> AsyncIterator[bytes]:
-    for chunk in replay(response, after):
-        yield chunk
