@@ -36,6 +36,7 @@ import pytest
 
 from tests.support.image_host import ImageHost
 from tests.support.live_server import ROOT, SERVED_MODEL, LiveServer
+from tests.support.postgres import PostgresServer, running_postgres
 from tests.support.vllm_peer import VllmPeer
 
 # Settings of the shared live server that differ from config/tiny.yaml, also given to the offline
@@ -142,8 +143,8 @@ def live_server(
         "GEMMA_SERVER_IMAGES__FETCH_TIMEOUT_SECONDS": "60",
         "GEMMA_SERVER_IMAGES__FETCH_CONNECT_TIMEOUT_SECONDS": "30",
         "GEMMA_SERVER_IMAGES__FETCH_READ_TIMEOUT_SECONDS": "30",
-        # Each test server its own stored-responses file: opening a store fails the background
-        # responses left in progress there, which must not be another server's running ones.
+        # Stored responses in a file of this run (the embedded default's SQLite backend); the
+        # sacrificial servers use a PostgreSQL.
         "GEMMA_SERVER_RESPONSES__URL": f"sqlite:///{log_path.parent / 'responses.db'}",
         **LIVE_SERVER_SETTINGS_ENV,
     }
@@ -174,9 +175,10 @@ SACRIFICIAL_SERVER_ENV = {"engine_death": {"GEMMA_SERVER_SERVER__API_PROCESSES":
 class SacrificialServers:
     """Servers that tests stop or break, configured alike: small admission capacity (10 in flight,
     6 waiting), API keys (from the environment and from a file), CORS for one origin, a 20 s drain
-    window and a small KV cache. `launch(name)` starts one in the background; `ready(name)` waits."""
+    window, a small KV cache and one PostgreSQL database for stored responses. `launch(name)` starts
+    one in the background; `ready(name)` waits."""
 
-    def __init__(self, folder: Path, image_host: ImageHost, wanted: set[str]) -> None:
+    def __init__(self, folder: Path, image_host: ImageHost, wanted: set[str], responses_url: str) -> None:
         self.folder = folder
         self.wanted = wanted  # servers some selected test uses (through a `<name>_server` fixture)
         key_file = folder / "api-keys"
@@ -199,6 +201,11 @@ class SacrificialServers:
             "GEMMA_SERVER_IMAGES__FETCH_READ_TIMEOUT_SECONDS": "120",
             # Claude Code asks for Claude model names: any name means the served model here.
             "GEMMA_SERVER_MODEL__ACCEPT_ANY_NAME": "true",
+            # Codex CLI sets no output limit: without this default its turn would run to the context's end.
+            "GEMMA_SERVER_SERVER__DEFAULT_MAX_TOKENS": "48",
+            # One PostgreSQL for both: the engine-death server starts after the drain server has
+            # stopped, so it is that server restarted (and two replicas of it) for stored responses.
+            "GEMMA_SERVER_RESPONSES__URL": responses_url,
         }
         self.servers: dict[str, LiveServer] = {}
         self._launchers: dict[str, threading.Thread] = {}
@@ -209,8 +216,7 @@ class SacrificialServers:
         def start() -> None:
             if after is not None:
                 after.wait()
-            store = {"GEMMA_SERVER_RESPONSES__URL": f"sqlite:///{self.folder / (name + '-responses.db')}"}
-            env = {**self.env, **store, **SACRIFICIAL_SERVER_ENV.get(name, {})}
+            env = {**self.env, **SACRIFICIAL_SERVER_ENV.get(name, {})}
             live_process_starting()
             self.servers[name] = LiveServer(self.folder / f"{name}.log", env).start()
 
@@ -234,11 +240,22 @@ class SacrificialServers:
 
 
 @pytest.fixture(scope="session")
+def sacrificial_postgres() -> Iterator[PostgresServer]:
+    """A real PostgreSQL (Debian's package) for the sacrificial servers' stored responses."""
+    with running_postgres() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
 def sacrificial(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, image_host: ImageHost
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    image_host: ImageHost,
+    sacrificial_postgres: PostgresServer,
 ) -> Iterator[SacrificialServers]:
     wanted = {name for name in ("drain", "engine_death") if _selected(request, f"{name}_server")}
-    servers = SacrificialServers(tmp_path_factory.mktemp("sacrificial"), image_host, wanted)
+    folder = tmp_path_factory.mktemp("sacrificial")
+    servers = SacrificialServers(folder, image_host, wanted, sacrificial_postgres.url)
     oracle = request.getfixturevalue("offline_oracle_process")[0] if _selected(request, "oracle_results") else None
     if _selected(request, "vllm_peer"):  # once the oracle's engine and vLLM's server are gone
         after_last_use("vllm_peer", lambda: servers.launch("drain", after=oracle))
