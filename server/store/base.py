@@ -67,6 +67,11 @@ class ResponseStore(ABC):
         """None if missing or owned by someone else (the two are not told apart, on purpose)."""
 
     @abstractmethod
+    async def history(self, response_id: str, owner: str) -> list[dict[str, Any]] | None:
+        """The conversation a response ended (what `previous_response_id` continues), or None.
+        Cheaper than `get`: one statement, and the response object itself is not decoded."""
+
+    @abstractmethod
     async def delete(self, response_id: str, owner: str) -> bool:
         """False if missing or not the owner's."""
 

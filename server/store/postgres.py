@@ -84,6 +84,11 @@ class PostgresResponseStore(SqlResponseStore):
             pool, self._pool = self._pool, None
             await pool.close()
 
+    async def query(self, sql: str, *args: Any) -> list[Sequence[Any]]:
+        if self._pool is None:
+            raise RuntimeError("the response store is not open")
+        return list(await self._pool.fetch(numbered(sql), *args))
+
     @asynccontextmanager
     async def transaction(self, kind: TransactionKind) -> AsyncIterator[_PostgresTransaction]:
         if self._pool is None:

@@ -50,6 +50,7 @@ TransactionKind = Literal["read", "write", "sweep"]
 _IN_CHUNK = 500
 
 _COLUMNS = "id, owner, created_at, status, background, response, input_items, history"
+INLINE_DECODE_CHARS = 64 * 1024  # larger JSON (or any with images) is decoded off the event loop
 
 
 def schema(*, float_type: str, blob_type: str) -> list[str]:
@@ -109,18 +110,32 @@ class SqlResponseStore(ResponseStore):
     @abstractmethod
     def transaction(self, kind: TransactionKind) -> AbstractAsyncContextManager[Transaction]: ...
 
+    @abstractmethod
+    async def query(self, sql: str, *args: Any) -> list[Sequence[Any]]:
+        """One statement on its own, outside an explicit transaction (a statement is atomic by itself):
+        the request path's reads, where BEGIN and COMMIT would double the round trips."""
+
     async def put(self, record: StoredResponse) -> None:
-        # Hashing images and writing JSON can take milliseconds for large requests: off the event loop.
-        encoded = await asyncio.to_thread(encode_record, record)
+        # Hashing images and writing JSON can take milliseconds for large requests: off the event loop;
+        # a conversation without images is cheaper to encode than to hand to a thread.
+        if _has_images(record.input_items) or _has_images(record.history):
+            encoded = await asyncio.to_thread(encode_record, record)
+        else:
+            encoded = encode_record(record)
         async with self.transaction("write") as tx:
             await _upsert_row(tx, encoded)
-            await tx.execute("DELETE FROM response_blobs WHERE response_id = ?", record.id)
-            await _insert_missing_blobs(tx, encoded.blobs)
-            await tx.executemany(
-                "INSERT INTO response_blobs (response_id, hash) VALUES (?, ?)",
-                [(record.id, digest) for digest in encoded.blobs],
-            )
-            await _set_lease(tx, record, time.time() + self.lease_seconds)
+            # Only a background response is put more than once (queued, in progress, finished); a
+            # response answered in the request is put once, under a new id: nothing to replace.
+            if record.background:
+                await tx.execute("DELETE FROM response_blobs WHERE response_id = ?", record.id)
+            if encoded.blobs:
+                await _insert_missing_blobs(tx, encoded.blobs)
+                await tx.executemany(
+                    "INSERT INTO response_blobs (response_id, hash) VALUES (?, ?)",
+                    [(record.id, digest) for digest in encoded.blobs],
+                )
+            if record.background:
+                await _set_lease(tx, record, time.time() + self.lease_seconds)
 
     async def get(self, response_id: str, owner: str) -> StoredResponse | None:
         async with self.transaction("read") as tx:
@@ -129,6 +144,24 @@ class SqlResponseStore(ResponseStore):
                 return None
             blobs = await _blobs_of_row(tx, response_id)
         return await asyncio.to_thread(_decode_row, rows[0], blobs)
+
+    async def history(self, response_id: str, owner: str) -> list[dict[str, Any]] | None:
+        rows = await self.query(
+            "SELECT r.history, b.hash, b.data FROM responses r "
+            "LEFT JOIN response_blobs l ON l.response_id = r.id LEFT JOIN blobs b ON b.hash = l.hash "
+            "WHERE r.id = ? AND r.owner = ?",
+            response_id,
+            owner,
+        )
+        if not rows:
+            return None
+        blobs = {digest: bytes(data) for _, digest, data in rows if digest is not None}
+        history: list[dict[str, Any]]
+        if blobs or len(rows[0][0]) > INLINE_DECODE_CHARS:
+            history = await asyncio.to_thread(decode_json, rows[0][0], blobs)
+        else:
+            history = decode_json(rows[0][0], blobs)
+        return history
 
     async def delete(self, response_id: str, owner: str) -> bool:
         async with self.transaction("write") as tx:
@@ -307,3 +340,14 @@ async def _row_usage(tx: Transaction) -> list[RowUsage]:
 
 async def _blob_sizes(tx: Transaction) -> dict[str, int]:
     return {digest: int(size) for digest, size in await tx.fetch("SELECT hash, size_bytes FROM blobs")}
+
+
+def _has_images(items: Sequence[Any]) -> bool:
+    """Whether a list of input or history items holds an image part (images are hashed on encoding)."""
+    for item in items:
+        if not isinstance(item, dict):
+            continue
+        for parts in (item.get("content"), item.get("output")):  # a message's parts, a tool result's
+            if isinstance(parts, list) and any(isinstance(p, dict) and p.get("type") == "input_image" for p in parts):
+                return True
+    return False

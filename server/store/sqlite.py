@@ -35,8 +35,7 @@ class _SqliteTransaction:
         self._connection = connection
 
     async def fetch(self, sql: str, *args: Any) -> list[Sequence[Any]]:
-        async with self._connection.execute(sql, args) as cursor:
-            return list(await cursor.fetchall())
+        return list(await self._connection.execute_fetchall(sql, args))  # one trip to its thread, not three
 
     async def execute(self, sql: str, *args: Any) -> None:
         await self._connection.execute(sql, args)
@@ -77,6 +76,12 @@ class SqliteResponseStore(SqlResponseStore):
         if self._connection is not None:
             connection, self._connection = self._connection, None
             await connection.close()
+
+    async def query(self, sql: str, *args: Any) -> list[Sequence[Any]]:
+        if self._connection is None:
+            raise RuntimeError("the response store is not open")
+        async with self._lock:
+            return list(await self._connection.execute_fetchall(sql, args))
 
     @asynccontextmanager
     async def transaction(self, kind: TransactionKind) -> AsyncIterator[_SqliteTransaction]:

@@ -365,6 +365,18 @@ async def test_an_image_in_three_turns_is_stored_once(backend: Backend, store: R
     assert (await store.usage()).total_bytes == 0
 
 
+async def test_the_history_a_chain_continues_comes_back_with_its_images(store: ResponseStore) -> None:
+    image = png_data_uri(2_000, seed=3)
+    first = record("resp_a", input_items=[message("msg_a", "Look", image=image)])
+    second = record("resp_b", input_items=[message("msg_b", "Text only")], history=[*first.history, message("m", "x")])
+    await store.put(first)
+    await store.put(second)
+    assert await store.history("resp_a", "alice") == first.history
+    assert await store.history("resp_b", "alice") == second.history
+    assert await store.history("resp_a", "bob") is None  # another owner's: not found, like every route
+    assert await store.history("resp_missing", "alice") is None
+
+
 async def test_text_that_looks_like_a_blob_reference_comes_back_as_text(store: ResponseStore) -> None:
     tricky = ["gemma-blob:sha256:" + "0" * 64, "gemma-blob:sha256:not-hex", "data:", "data: not an image"]
     items = [message(f"msg_{i}", text) for i, text in enumerate(tricky)]

@@ -143,14 +143,14 @@ class ResponsesService:
             await self.store()  # a store that cannot open fails the request now, before it generates
         history: list[dict[str, Any]] = []
         if body.previous_response_id is not None:
-            previous = await (await self.store()).get(body.previous_response_id, caller)
+            previous = await (await self.store()).history(body.previous_response_id, caller)
             if previous is None:
                 raise NotFoundError(
                     f"Previous response with id '{body.previous_response_id}' not found.",
                     param="previous_response_id",
                     code="previous_response_not_found",
                 )
-            history = previous.history
+            history = previous
         raw_input = text_input(body.input) if isinstance(body.input, str) else body.input
         calls: dict[str, str] = {}
         turns = [Turn("system", body.instructions)] if body.instructions else []
