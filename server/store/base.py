@@ -127,6 +127,17 @@ def extract_blobs(value: Any, blobs: dict[str, bytes]) -> Any:
     return value
 
 
+def holds_blob_data(value: Any) -> bool:
+    """Whether `extract_blobs` would hash anything in `value` (a data URI): then encoding is worth a thread."""
+    if isinstance(value, str):
+        return value.startswith(DATA_URI_PREFIX)
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list):
+        return any(holds_blob_data(item) for item in value)
+    return False
+
+
 def referenced_blobs(value: Any) -> set[str]:
     """The blob hashes `value` (as stored, with references) refers to."""
     if isinstance(value, str):

@@ -37,6 +37,7 @@ from server.store.base import (
     choose_evictions,
     decode_json,
     encode_record,
+    holds_blob_data,
     interrupted_response,
     page_of_items,
     referenced_blobs,
@@ -118,7 +119,7 @@ class SqlResponseStore(ResponseStore):
     async def put(self, record: StoredResponse) -> None:
         # Hashing images and writing JSON can take milliseconds for large requests: off the event loop;
         # a conversation without images is cheaper to encode than to hand to a thread.
-        if _has_images(record.input_items) or _has_images(record.history):
+        if holds_blob_data(record.input_items) or holds_blob_data(record.history):
             encoded = await asyncio.to_thread(encode_record, record)
         else:
             encoded = encode_record(record)
@@ -277,8 +278,8 @@ async def _upsert_row(tx: Transaction, encoded: EncodedRecord) -> None:
 
 async def _set_lease(tx: Transaction, record: StoredResponse, expires_at: float) -> None:
     """An unfinished background response is leased to the process putting it (which then renews
-    the lease with `heartbeat`); a finished one needs none."""
-    if record.background and record.status in ACTIVE_STATUSES:
+    the lease with `heartbeat`); a finished one needs none. Only background responses get here."""
+    if record.status in ACTIVE_STATUSES:
         await tx.execute(
             "INSERT INTO background_leases (response_id, expires_at) VALUES (?, ?) "
             "ON CONFLICT (response_id) DO UPDATE SET expires_at = excluded.expires_at",
@@ -340,14 +341,3 @@ async def _row_usage(tx: Transaction) -> list[RowUsage]:
 
 async def _blob_sizes(tx: Transaction) -> dict[str, int]:
     return {digest: int(size) for digest, size in await tx.fetch("SELECT hash, size_bytes FROM blobs")}
-
-
-def _has_images(items: Sequence[Any]) -> bool:
-    """Whether a list of input or history items holds an image part (images are hashed on encoding)."""
-    for item in items:
-        if not isinstance(item, dict):
-            continue
-        for parts in (item.get("content"), item.get("output")):  # a message's parts, a tool result's
-            if isinstance(parts, list) and any(isinstance(p, dict) and p.get("type") == "input_image" for p in parts):
-                return True
-    return False

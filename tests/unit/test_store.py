@@ -27,6 +27,7 @@ from pydantic import ValidationError
 
 from server.settings import ResponsesStoreSettings, Settings
 from server.store import ResponseStore, StoredResponse, open_store
+from server.store.base import extract_blobs, holds_blob_data
 from server.store.factory import sqlite_path
 from server.store.postgres import PostgresResponseStore
 from server.store.sql import SqlResponseStore
@@ -375,6 +376,15 @@ async def test_the_history_a_chain_continues_comes_back_with_its_images(store: R
     assert await store.history("resp_b", "alice") == second.history
     assert await store.history("resp_a", "bob") is None  # another owner's: not found, like every route
     assert await store.history("resp_missing", "alice") is None
+
+
+def test_a_put_hands_encoding_to_a_thread_exactly_when_there_is_image_data_to_hash() -> None:
+    with_image = [message("msg_i", "Look", image=png_data_uri(100))]
+    by_url = [message("msg_u", "Look", image="https://example.com/cat.png")]
+    for items in (with_image, by_url, [message("msg_t", "Text only")]):
+        blobs: dict[str, bytes] = {}
+        extract_blobs(items, blobs)
+        assert holds_blob_data(items) == bool(blobs)
 
 
 async def test_text_that_looks_like_a_blob_reference_comes_back_as_text(store: ResponseStore) -> None:
