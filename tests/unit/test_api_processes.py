@@ -109,8 +109,11 @@ def test_an_api_process_stopped_by_the_passed_on_sigterm_before_its_handler_is_a
 
 def test_a_failed_api_process_drains_the_others_and_its_code_is_the_exit_code(pipe: Any) -> None:
     reader, writer = pipe
+    started = SPAWN.Semaphore(0)
+    others = [_start(_api_process_stand_in, reader, 9, None, started) for _ in range(2)]
+    for _ in others:  # a SIGTERM before a stand-in's handler kills it (-15): a slow spawn, not a bug
+        assert started.acquire(timeout=60)
     failing = _start(_api_process_stand_in, reader, 3, 1.0)
-    others = [_start(_api_process_stand_in, reader, 9, None) for _ in range(2)]
     engine = _start(_engine_stand_in, 60)
     try:
         code = _supervisor([failing, *others]).supervise([engine], writer)
