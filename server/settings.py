@@ -85,6 +85,18 @@ class EngineSettings(_Section):
     )
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs one replica shards across.")
     pipeline_parallel_size: int = Field(1, ge=1, description="Pipeline stages (multi-node).")
+    nodes: int = Field(
+        1,
+        ge=1,
+        description="Nodes one replica spans (vLLM multi-node: a Ray cluster, e.g. a LeaderWorkerSet group). "
+        "Above 1 it needs distributed_executor_backend ray, and the tensor_parallel_size x "
+        "pipeline_parallel_size GPUs must split evenly over the nodes.",
+    )
+    distributed_executor_backend: Literal["auto", "mp", "ray", "uni"] = Field(
+        "auto",
+        description="How vLLM runs its GPU workers: mp (processes on this node), ray (a Ray cluster, "
+        "across nodes), uni (one worker in the engine process); auto lets vLLM choose.",
+    )
     enable_prefix_caching: bool = Field(True, description="Reuse KV blocks of shared prefixes.")
     max_num_seqs: int = Field(256, ge=1, description="Sequences the engine batches at once.")
     max_num_batched_tokens: int | None = Field(
@@ -101,6 +113,26 @@ class EngineSettings(_Section):
         default_factory=dict,
         description="Further vLLM AsyncEngineArgs, passed through as they are.",
     )
+
+    @model_validator(mode="after")
+    def _check_parallelism(self) -> EngineSettings:
+        gpus = self.tensor_parallel_size * self.pipeline_parallel_size
+        if self.nodes > 1 and self.distributed_executor_backend != "ray":
+            raise ValueError(
+                f"engine.nodes is {self.nodes}: a replica across nodes needs engine.distributed_executor_backend: "
+                f"ray (is {self.distributed_executor_backend!r})"
+            )
+        if gpus % self.nodes:
+            raise ValueError(
+                f"engine.tensor_parallel_size x pipeline_parallel_size is {gpus} GPUs, which do not split "
+                f"evenly over engine.nodes ({self.nodes})"
+            )
+        if self.distributed_executor_backend == "uni" and gpus > 1:
+            raise ValueError(
+                f"engine.distributed_executor_backend uni runs one worker, but tensor_parallel_size x "
+                f"pipeline_parallel_size asks for {gpus}"
+            )
+        return self
 
     @field_validator("dtype", mode="before")
     @classmethod

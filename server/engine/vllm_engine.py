@@ -72,6 +72,8 @@ def engine_args_from_settings(settings: Settings) -> AsyncEngineArgs:
         "disable_log_stats": False,  # keeps the vllm:* Prometheus metrics
         "enable_log_requests": False,
     }
+    if engine.distributed_executor_backend != "auto":
+        args["distributed_executor_backend"] = engine.distributed_executor_backend
     args.update(engine.extra_args)
     return AsyncEngineArgs(**args)
 

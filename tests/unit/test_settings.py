@@ -64,3 +64,28 @@ def test_unknown_keys_are_refused(tmp_path: Path) -> None:
 def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         load_settings(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize(
+    ("engine", "refusal"),
+    [
+        (
+            {"nodes": 2, "tensor_parallel_size": 2, "pipeline_parallel_size": 2},
+            "needs engine.distributed_executor_backend: ray",
+        ),
+        ({"nodes": 2, "distributed_executor_backend": "ray", "pipeline_parallel_size": 3}, "do not split evenly"),
+        ({"distributed_executor_backend": "uni", "tensor_parallel_size": 2}, "runs one worker"),
+    ],
+)
+def test_inconsistent_parallelism_is_refused_at_start(engine: dict[str, object], refusal: str) -> None:
+    with pytest.raises(ValidationError, match=refusal):
+        load_settings(ROOT / "config" / "gemma-3-4b-it.yaml", engine=engine)
+
+
+def test_a_replica_across_nodes_reaches_vllm_with_the_ray_executor() -> None:
+    from server.engine.vllm_engine import engine_args_from_settings
+
+    engine = {"nodes": 2, "distributed_executor_backend": "ray", "tensor_parallel_size": 2, "pipeline_parallel_size": 2}
+    args = engine_args_from_settings(load_settings(ROOT / "config" / "gemma-3-4b-it.yaml", engine=engine))
+    assert (args.distributed_executor_backend, args.tensor_parallel_size, args.pipeline_parallel_size) == ("ray", 2, 2)
+    assert engine_args_from_settings(load_settings(ROOT / "config" / "tiny.yaml")).distributed_executor_backend is None
