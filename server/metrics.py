@@ -9,6 +9,15 @@ With several API processes (`server.api_processes`), prometheus_client runs in m
 and `/metrics`, whichever process answers, renders the aggregate of all of them. Counters and
 histograms add up; our gauges say how to combine (`livesum`: in flight and waiting add up over the
 live processes; `livemin`: the engine counts as ready only if every process can serve).
+
+Routers read this page: the inference gateway's Endpoint Picker (llm-d's router), vLLM's
+production-stack router, KEDA and the HPA pick or scale replicas on vLLM's names. So the page is
+rendered through `RouterView`, which makes those names mean what the routers assume:
+`vllm:num_requests_waiting` counts every request waiting on this replica, the ones in our admission
+queue included (`gemma_server_requests_waiting` still shows that part alone), and the old
+`vllm:gpu_cache_usage_perc` (production-stack's) mirrors `vllm:kv_cache_usage_perc`. Changing the
+meaning of vLLM's gauge rather than adding one of ours: every router then works unconfigured, and
+scale-out (KEDA, HPA) and routing read one number.
 """
 
 from __future__ import annotations
@@ -25,6 +34,8 @@ from prometheus_client import (
     multiprocess,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 PREFIX = "gemma_server"
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -125,5 +136,37 @@ class Metrics:
             # Ours and vLLM's, from every API process's files (this process's are among them).
             everything = CollectorRegistry()
             multiprocess.MultiProcessCollector(everything)  # type: ignore[no-untyped-call]
-            return generate_latest(everything)
-        return generate_latest(self.registry) + generate_latest(REGISTRY)
+            return generate_latest(RouterView(everything))
+        return generate_latest(RouterView(self.registry, REGISTRY))
+
+
+FRONT_END_WAITING = f"{PREFIX}_requests_waiting"
+ENGINE_WAITING = "vllm:num_requests_waiting"
+KV_CACHE_USAGE = "vllm:kv_cache_usage_perc"
+OLD_KV_CACHE_USAGE = "vllm:gpu_cache_usage_perc"  # vLLM's name before 0.10; production-stack's router reads it
+
+
+class RouterView:
+    """The metric families of some registries, with vLLM's router-facing names made whole (see the
+    module's docstring); everything else passes through unchanged."""
+
+    def __init__(self, *sources: Collector) -> None:
+        self.sources = sources
+
+    def collect(self) -> list[Metric]:
+        families = [family for source in self.sources for family in source.collect()]
+        by_name = {family.name: family for family in families}
+        front_end = by_name.get(FRONT_END_WAITING)
+        waiting = by_name.get(ENGINE_WAITING)
+        if front_end is not None and waiting is not None and waiting.samples:
+            # One engine core per server (data parallel is vLLM's, across replicas here): its sample
+            # takes the whole front-end queue, so a sum over the page's samples is the replica's.
+            queued = sum(sample.value for sample in front_end.samples)
+            first = waiting.samples[0]
+            waiting.samples = [first._replace(value=first.value + queued), *waiting.samples[1:]]
+        usage = by_name.get(KV_CACHE_USAGE)
+        if usage is not None and OLD_KV_CACHE_USAGE not in by_name:
+            old = Metric(OLD_KV_CACHE_USAGE, usage.documentation + " (the old name, kept for routers)", "gauge")
+            old.samples = [sample._replace(name=OLD_KV_CACHE_USAGE) for sample in usage.samples]
+            families.append(old)
+        return families
