@@ -1,4 +1,5 @@
-// Validates custom resources (KEDA ScaledObject, Prometheus Operator ServiceMonitor/PrometheusRule)
+// Validates custom resources (KEDA ScaledObject, Prometheus Operator ServiceMonitor/PrometheusRule,
+// Gateway API HTTPRoute)
 // against the OpenAPI schemas of their CRDs, as compiled into the kubernetes-models packages, and
 // rejects fields those schemas do not declare (the compiled validators accept unknown fields, as a
 // CRD does; a typo such as `minReplicas` would then be silently pruned by the API server). The
@@ -12,6 +13,7 @@ import { createRequire } from "node:module";
 import { dirname, join } from "node:path";
 import { ScaledObject } from "@kubernetes-models/keda/keda.sh/v1alpha1";
 import { PodMonitor, PrometheusRule, ServiceMonitor } from "@kubernetes-models/prometheus-operator/monitoring.coreos.com/v1";
+import { HTTPRoute } from "@kubernetes-models/gateway-api/gateway.networking.k8s.io/v1";
 
 const require = createRequire(import.meta.url);
 const packageDir = (name) => dirname(require.resolve(`${name}/package.json`));
@@ -20,6 +22,7 @@ const MODELS = {
   "monitoring.coreos.com/v1/ServiceMonitor": [ServiceMonitor, join(packageDir("@kubernetes-models/prometheus-operator"), "monitoring.coreos.com/v1/ServiceMonitorSpec.d.ts")],
   "monitoring.coreos.com/v1/PodMonitor": [PodMonitor, join(packageDir("@kubernetes-models/prometheus-operator"), "monitoring.coreos.com/v1/PodMonitorSpec.d.ts")],
   "monitoring.coreos.com/v1/PrometheusRule": [PrometheusRule, join(packageDir("@kubernetes-models/prometheus-operator"), "monitoring.coreos.com/v1/PrometheusRuleSpec.d.ts")],
+  "gateway.networking.k8s.io/v1/HTTPRoute": [HTTPRoute, join(packageDir("@kubernetes-models/gateway-api"), "gateway.networking.k8s.io/v1/HTTPRouteSpec.d.ts")],
 };
 
 // ---- the declared shape of a .d.ts interface: {object: {key: shape}} | {array: shape} | {map: shape} | "leaf"
@@ -32,7 +35,10 @@ function interfaceShape(file) {
   for (const m of text.matchAll(/import \{ ([^}]+) \} from "([^"]+)";/g)) {
     for (const name of m[1].split(",").map((s) => s.trim())) imports.set(name, m[2]);
   }
-  const start = text.search(/export interface \w+ (extends [\w, ]+ )?\{/);
+  // The class declaration lists every field, inherited ones included (an interface may `extends`
+  // another, e.g. HTTPRouteSpec's parentRefs come from CommonRouteSpec); the interface otherwise.
+  const declared = text.search(/export declare class \w+ extends Model<\w+> implements [\w, ]+ \{/);
+  const start = declared >= 0 ? declared : text.search(/export interface \w+ (extends [\w, ]+ )?\{/);
   const alias = /export type I\w+ = ([^;]+);/.exec(text); // e.g. `export type IDuration = string;`
   if (start < 0 && !alias) throw new Error(`no interface in ${file}`);
   const open = text.indexOf("{", start);

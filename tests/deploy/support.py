@@ -71,6 +71,22 @@ def find(objects: list[dict[str, Any]], kind: str, name: str | None = None) -> d
     return matches[0]
 
 
+def server_workload(objects: list[dict[str, Any]]) -> dict[str, Any]:
+    """The server's Deployment; in the multi-node overlay the LeaderWorkerSet's leader (the pod that
+    serves HTTP), in a Deployment's shape: {spec: {template, selector}}."""
+    groups = [o for o in objects if o["kind"] == "LeaderWorkerSet"]
+    if not groups:
+        return find(objects, "Deployment", "gemma-server")
+    leader = groups[0]["spec"]["leaderWorkerTemplate"]["leaderTemplate"]
+    labels = leader["metadata"]["labels"]
+    selector = {key: labels[key] for key in ("app.kubernetes.io/name", "app.kubernetes.io/instance")}
+    return {
+        "kind": "LeaderWorkerSet",
+        "metadata": groups[0]["metadata"],
+        "spec": {"template": leader, "selector": {"matchLabels": selector}},
+    }
+
+
 def container(deployment: dict[str, Any], name: str = "server") -> dict[str, Any]:
     return next(c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == name)
 

@@ -3,9 +3,10 @@ offline, and checked against the server's own configuration.
 
 - Core kinds: kubernetes-validate (the Kubernetes OpenAPI schemas, strict: unknown fields fail) at
   the newest version it ships and at the oldest we support (native preStop sleep needs 1.30).
-- Custom resources (KEDA ScaledObject, ServiceMonitor, PrometheusRule): the CRD schemas compiled in
-  the kubernetes-models npm packages, plus a check for fields those schemas do not declare
-  (deploy/tools/validate-crds.mjs).
+- Custom resources (KEDA ScaledObject, ServiceMonitor, PrometheusRule, HTTPRoute): the CRD schemas
+  compiled in the kubernetes-models npm packages, plus a check for fields those schemas do not
+  declare (deploy/tools/validate-crds.mjs); InferencePool and LeaderWorkerSet: their CRDs, kept in
+  tests/deploy/crds (tests/deploy/test_gateway.py).
 - Consistency: probes match /health and /ready, the grace period covers preStop + the drain window
   the server reads, the startup budget covers the server's own engine start-up timeout, selectors
   match, every GEMMA_SERVER_* variable is a real setting and the result loads, etc.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 from pathlib import Path
 from typing import Any
@@ -37,12 +39,14 @@ from tests.deploy.support import (
     node_module,
     render_kustomization,
     run,
+    server_workload,
     tool,
 )
 
 KUBERNETES_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
 CUSTOM_KINDS = {"keda.sh/v1alpha1/ScaledObject", "monitoring.coreos.com/v1/ServiceMonitor",
-                "monitoring.coreos.com/v1/PrometheusRule"}  # fmt: skip
+                "monitoring.coreos.com/v1/PrometheusRule", "gateway.networking.k8s.io/v1/HTTPRoute"}  # fmt: skip
+CRD_FILE_KINDS = {"inference.networking.k8s.io/v1/InferencePool", "leaderworkerset.x-k8s.io/v1/LeaderWorkerSet"}
 NAMESPACE = "gemma"
 
 
@@ -61,8 +65,9 @@ def secret_objects(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, A
     return render_kustomization(folder)
 
 
-def test_the_overlays_issue_5_asks_for_exist() -> None:
-    assert set(OVERLAYS) == {"gpu", "gpu-hpa", "tensor-parallel", "cpu"}
+def test_the_overlays_the_issues_ask_for_exist() -> None:
+    # Issue 5: one GPU, HPA, tensor parallel, CPU; issue 14: the inference gateway, multi-node (LWS).
+    assert set(OVERLAYS) == {"gpu", "gpu-hpa", "tensor-parallel", "cpu", "gpu-gateway", "multi-node"}
 
 
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
@@ -72,7 +77,7 @@ def test_core_objects_validate_against_the_kubernetes_schemas(
     checked = 0
     for overlay, objects in [*rendered.items(), ("secrets", secret_objects)]:
         for obj in objects:
-            if f"{obj['apiVersion']}/{obj['kind']}" in CUSTOM_KINDS:
+            if f"{obj['apiVersion']}/{obj['kind']}" in CUSTOM_KINDS | CRD_FILE_KINDS:
                 continue
             try:
                 kubernetes_validate.validate(obj, version, strict=True)
@@ -80,7 +85,7 @@ def test_core_objects_validate_against_the_kubernetes_schemas(
                 where = f"{overlay}: {obj['kind']}/{obj['metadata']['name']} @ {version}"
                 pytest.fail(f"{where}: {error.message} at {list(error.path)}")
             checked += 1
-    assert checked >= 25
+    assert checked >= 40
 
 
 def test_strict_validation_rejects_a_misspelt_field(rendered: dict[str, list[dict[str, Any]]]) -> None:
@@ -128,6 +133,8 @@ def server_settings_for(deployment: dict[str, Any], monkeypatch: pytest.MonkeyPa
     """The settings the container would load: its --config file and its GEMMA_SERVER_* variables."""
     spec = container(deployment)
     args = spec["args"]
+    if args[:2] == ["sh", "-c"]:  # the multi-node leader: the Ray head first, then `exec` the server
+        args = shlex.split(args[2].split("&& exec ", 1)[1])
     assert args[:4] == ["python", "-m", "server", "serve"]
     config = ROOT / args[args.index("--config") + 1]
     for key in [k for k in os.environ if k.startswith(ENV_PREFIX)]:
@@ -146,11 +153,12 @@ def server_settings_for(deployment: dict[str, Any], monkeypatch: pytest.MonkeyPa
 def test_probes_ports_and_shutdown_agree_with_the_server(
     rendered: dict[str, list[dict[str, Any]]], overlay: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    deployment = find(rendered[overlay], "Deployment", "gemma-server")
+    deployment = server_workload(rendered[overlay])
     settings = server_settings_for(deployment, monkeypatch)
     spec = container(deployment)
     ports = {p["name"]: p["containerPort"] for p in spec["ports"]}
-    assert ports == {"http": settings.server.port}
+    ray_head = {"ray": 6379} if settings.engine.nodes > 1 else {}  # the multi-node leader's Ray head
+    assert ports == {"http": settings.server.port, **ray_head}
 
     def probe_target(probe: str) -> tuple[str, Any]:
         get = spec[probe]["httpGet"]
@@ -182,7 +190,7 @@ def test_probes_ports_and_shutdown_agree_with_the_server(
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_secrets_cache_and_writable_paths(rendered: dict[str, list[dict[str, Any]]], overlay: str) -> None:
-    deployment = find(rendered[overlay], "Deployment", "gemma-server")
+    deployment = server_workload(rendered[overlay])
     pod = deployment["spec"]["template"]["spec"]
     spec = container(deployment)
     volumes = {v["name"]: v for v in pod["volumes"]}
@@ -234,7 +242,7 @@ def test_security_context_meets_the_restricted_pod_security_standard(
 ) -> None:
     namespace = find(rendered[overlay], "Namespace", NAMESPACE)
     assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
-    deployment = find(rendered[overlay], "Deployment")
+    deployment = server_workload(rendered[overlay])
     pod = deployment["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["runAsUser"] >= 1000
@@ -256,7 +264,7 @@ def test_security_context_meets_the_restricted_pod_security_standard(
 def test_resources_gpus_and_parallelism(
     rendered: dict[str, list[dict[str, Any]]], overlay: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    deployment = find(rendered[overlay], "Deployment")
+    deployment = server_workload(rendered[overlay])
     spec = container(deployment)
     resources = spec["resources"]
     assert {"cpu", "memory"} <= set(resources["requests"]) and "memory" in resources["limits"]
@@ -265,11 +273,13 @@ def test_resources_gpus_and_parallelism(
     if overlay == "cpu":
         assert gpus is None and "nvidia.com/gpu" not in resources["requests"]
         assert settings.model.served_name == "tiny-gemma3"
-        assert find(rendered[overlay], "Deployment")["spec"]["template"]["spec"].get("tolerations") in (None, [])
+        assert deployment["spec"]["template"]["spec"].get("tolerations") in (None, [])
         return
     assert resources["requests"]["nvidia.com/gpu"] == gpus
-    # One replica uses tensor_parallel_size x pipeline_parallel_size GPUs, all on its node.
-    assert int(gpus) == settings.engine.tensor_parallel_size * settings.engine.pipeline_parallel_size
+    # One replica uses tensor_parallel_size x pipeline_parallel_size GPUs, split evenly over its nodes
+    # (one for a Deployment's pod; a LeaderWorkerSet group's pods each have their share).
+    engine = settings.engine
+    assert int(gpus) * engine.nodes == engine.tensor_parallel_size * engine.pipeline_parallel_size
     assert settings.model.path == "google/gemma-3-4b-it"
     if overlay == "tensor-parallel":
         assert settings.engine.tensor_parallel_size > 1
@@ -283,7 +293,7 @@ def test_resources_gpus_and_parallelism(
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_selectors_match_the_pods(rendered: dict[str, list[dict[str, Any]]], overlay: str) -> None:
     objects = rendered[overlay]
-    deployment = find(objects, "Deployment")
+    deployment = server_workload(objects)
     pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
 
     def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
@@ -295,12 +305,14 @@ def test_selectors_match_the_pods(rendered: dict[str, list[dict[str, Any]]], ove
     assert service["spec"]["ports"][0]["targetPort"] == "http"
     assert selects(find(objects, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"], pod_labels)
     assert find(objects, "PodDisruptionBudget")["spec"]["maxUnavailable"] == 1
-    policy = find(objects, "NetworkPolicy")
+    policy = find(objects, "NetworkPolicy", "gemma-server")
     assert selects(policy["spec"]["podSelector"]["matchLabels"], pod_labels)
     assert policy["spec"]["ingress"][0]["ports"] == [{"port": "http", "protocol": "TCP"}]
     egress_blocks = [to["ipBlock"] for rule in policy["spec"]["egress"] for to in rule["to"] if "ipBlock" in to]
     assert egress_blocks and all({"10.0.0.0/8", "169.254.0.0/16"} <= set(b["except"]) for b in egress_blocks)
-    assert all(o["metadata"].get("namespace", NAMESPACE) == NAMESPACE for o in objects)
+    # Every namespaced object says so (one without would land in kubectl's current namespace).
+    namespaced = [o for o in objects if o["kind"] != "Namespace"]
+    assert [o["kind"] for o in namespaced if o["metadata"].get("namespace") != NAMESPACE] == []
     assert "replicas" not in deployment["spec"], "the autoscaler owns the replica count"
     annotations = deployment["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/port"] == str(container(deployment)["ports"][0]["containerPort"])
@@ -311,17 +323,18 @@ def test_selectors_match_the_pods(rendered: dict[str, list[dict[str, Any]]], ove
 
 
 @pytest.mark.parametrize("overlay", ["gpu", "tensor-parallel"])
-def test_keda_scales_the_deployment_on_both_queues(rendered: dict[str, list[dict[str, Any]]], overlay: str) -> None:
+def test_keda_scales_the_deployment_on_the_queue_the_router_reads(
+    rendered: dict[str, list[dict[str, Any]]], overlay: str
+) -> None:
     objects = rendered[overlay]
     scaled = find(objects, "ScaledObject")
     deployment = find(objects, "Deployment")
     assert scaled["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
     assert scaled["spec"]["minReplicaCount"] >= 1, "no scale to zero: a cold start takes minutes"
     queries = {t["name"]: t["metadata"]["query"] for t in scaled["spec"]["triggers"] if t["type"] == "prometheus"}
-    assert set().union(*map(metric_names, queries.values())) == {
-        "vllm:num_requests_waiting",
-        "gemma_server_requests_waiting",
-    }
+    # vllm:num_requests_waiting counts the front end's queue too (server/metrics.py): the one signal
+    # the inference gateway's Endpoint Picker routes on.
+    assert set().union(*map(metric_names, queries.values())) == {"vllm:num_requests_waiting"}
     # The queries select this namespace and the scrape job the ServiceMonitor creates (the Service name).
     service = find(objects, "Service")["metadata"]
     for query in queries.values():
@@ -337,7 +350,7 @@ def test_hpa_scales_on_the_adapters_metrics(rendered: dict[str, list[dict[str, A
     names = {m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"}
     adapter = yaml.safe_load(ADAPTER_VALUES.read_text())
     served = {rule["name"]["as"] for rule in adapter["rules"]["custom"]}
-    assert names == served == {"vllm_num_requests_waiting", "gemma_server_requests_waiting"}
+    assert names == served == {"vllm_num_requests_waiting"}
     for rule in adapter["rules"]["custom"]:
         assert set(rule["resources"]["overrides"]) == {"namespace", "pod"}, "per-pod metrics need both labels"
     assert not [o for o in objects if o["kind"] == "ScaledObject"]
@@ -347,6 +360,6 @@ def test_hpa_scales_on_the_adapters_metrics(rendered: dict[str, list[dict[str, A
 def test_each_overlay_runs_its_own_image(rendered: dict[str, list[dict[str, Any]]], overlay: str) -> None:
     """The CPU overlay once rendered the GPU image: its rename rule matched a name the base had
     already replaced. (test_image.py runs the CPU overlay's pod with the image built here.)"""
-    image = container(find(rendered[overlay], "Deployment", "gemma-server"))["image"]
+    image = container(server_workload(rendered[overlay]))["image"]
     expected = "gemma-server:cpu" if overlay == "cpu" else "registry.example.com/gemma-server:0.1.0-gpu"
     assert image == expected
