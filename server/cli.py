@@ -62,6 +62,11 @@ def serve(args: argparse.Namespace) -> int:
         print(f"gemma-server: invalid configuration: {exc}", file=sys.stderr)
         return ExitCode.INVALID_CONFIGURATION
     configure_logging(settings.server.log_level, settings.server.log_format)
+    from server.engine.vllm_engine import device_problem
+
+    if problem := device_problem():
+        print(f"gemma-server: cannot start the engine: {problem}", file=sys.stderr)
+        return ExitCode.ENGINE_STARTUP_FAILED
     if settings.server.api_processes > 1:
         from server.engine.api_processes import serve_api_processes
 

@@ -27,6 +27,14 @@ pytest_plugins = ["tests.support.live_plugin"]
 TINY_MODEL_DIR = Path(os.path.expanduser("~/.cache/gemma-server/tiny-gemma3"))
 
 
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """tests/gpu_image (the GPU image's build: ~5 GB of downloads) runs only when named, as
+    `make test-gpu-image` does; the suite (`pytest` alone, `make test`) leaves it out."""
+    if collection_path.name == "gpu_image" and not any("gpu_image" in arg for arg in config.args):
+        return True
+    return None
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
     from server.tiny_model import build_tiny_model, is_complete

@@ -47,6 +47,23 @@ log = logging.getLogger(__name__)
 ENGINE_STATS_LOG_INTERVAL_SECONDS = 10.0
 
 
+def device_problem() -> str | None:
+    """Why vLLM has no device to run on here, in one line, or None when it has one.
+
+    The CUDA build of vLLM on a machine (or in a container) that sees no GPU detects no platform at
+    all, and its engine would then fail deep in start-up with a long traceback; the server says so
+    before it starts anything. The CPU build always has its device."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_unspecified():
+        return None
+    return (
+        "vLLM sees no GPU on this machine (the CUDA build is installed): give the container a GPU "
+        "(docker run --gpus all, or an nvidia.com/gpu resource on Kubernetes) and check nvidia-smi, "
+        "or serve on the CPU with the CPU build (the cpu image, or uv sync --extra cpu)"
+    )
+
+
 def engine_args_from_settings(settings: Settings) -> AsyncEngineArgs:
     engine = settings.engine
     args: dict[str, Any] = {

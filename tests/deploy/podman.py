@@ -25,13 +25,18 @@ CONTAINERS_CONF = TOOLS / "containers.conf"
 READY_TIMEOUT_SECONDS = 900  # a cold engine start is 1-2 minutes; the machine stalls at times
 
 
+def podman_env() -> dict[str, str]:
+    """The environment for podman and for tools that run it (the base scripts, podman-compose)."""
+    return {**os.environ, "CONTAINERS_CONF": str(CONTAINERS_CONF)}
+
+
 def podman(*args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(
         [tool("podman"), *args],
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, "CONTAINERS_CONF": str(CONTAINERS_CONF)},
+        env=podman_env(),
         check=False,
     )
     if check and result.returncode != 0:
@@ -53,13 +58,19 @@ class Build:
 
 
 def build_cpu_image(log: Path) -> Build:
-    """`podman build --target cpu` of the repo's Dockerfile, as a Docker user builds it, except:
+    """`podman build --target cpu` of the repo's Dockerfile: see `build_image`."""
+    return build_image("cpu", CPU_IMAGE, log)
+
+
+def build_image(target: str, tag: str, log: Path, *build_args: str) -> Build:
+    """`podman build --target TARGET` of the repo's Dockerfile, as a Docker user builds it, except:
     - the bases are local (deploy/tools/base-images.sh: Debian 12 from Debian's packages, the pinned
       uv binary): no registry is reachable here;
     - two build-time mounts, named by build ARGs that are unset by default: this machine's CA bundle
       (package downloads here go through a private CA) and its uv cache (no wheel is downloaded
       twice). A mount leaves nothing in the image; the tests check it.
-    - `--format docker`: the OCI format has no HEALTHCHECK, and podman drops it silently.
+    - `--format docker`: the OCI format has no HEALTHCHECK, and podman drops it silently;
+    - `--force-rm`: a failed build leaves no working container behind (each may hold gigabytes).
     Layers are cached in podman's storage (as untagged intermediate images: pruning them empties the
     cache): a second build on one machine redoes only what changed.
     """
@@ -68,7 +79,7 @@ def build_cpu_image(log: Path) -> Build:
         capture_output=True,
         text=True,
         timeout=900,
-        env={**os.environ, "CONTAINERS_CONF": str(CONTAINERS_CONF)},
+        env=podman_env(),
         check=False,
     )
     assert base_args.returncode == 0, base_args.stderr[-3000:]
@@ -80,18 +91,18 @@ def build_cpu_image(log: Path) -> Build:
     with log.open("w") as out:
         result = subprocess.run(
             [
-                tool("podman"), "build", "--format", "docker", "--target", "cpu", "--tag", CPU_IMAGE,
-                *base_args.stdout.split(),
+                tool("podman"), "build", "--force-rm", "--format", "docker", "--target", target, "--tag", tag,
+                *base_args.stdout.split(), *build_args,
                 "--volume", f"{uv_cache}:/uv-cache", "--build-arg", "UV_CACHE_DIR=/uv-cache",
                 "--volume", f"{ca_bundle}:/run/build-ca.crt:ro", "--build-arg", "SSL_CERT_FILE=/run/build-ca.crt",
                 str(ROOT),
             ],
             stdout=out, stderr=subprocess.STDOUT, timeout=3600, check=False,
-            env={**os.environ, "CONTAINERS_CONF": str(CONTAINERS_CONF)},
+            env=podman_env(),
         )  # fmt: skip
     seconds = time.monotonic() - started
     assert result.returncode == 0, f"the image did not build:\n{tail(log)}"
-    size = int(podman("image", "inspect", CPU_IMAGE, "--format", "{{.Size}}").stdout)
+    size = int(podman("image", "inspect", tag, "--format", "{{.Size}}").stdout)
     return Build(seconds, size, log)
 
 

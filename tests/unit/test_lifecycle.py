@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import signal
 
+import pytest
 import uvicorn
 
 from server.lifecycle import DrainingServer
@@ -54,3 +56,23 @@ def test_sigint_alone_exits_at_once() -> None:
     server = _server(events)
     server.handle_exit(signal.SIGINT, None)
     assert server.should_exit and events == []
+
+
+def test_without_a_device_for_vllm_serve_exits_3_with_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The CUDA build on a machine without a GPU: vLLM detects no platform. The GPU image is run so
+    for real in tests/gpu_image; here vLLM's detection is made to find nothing."""
+    import vllm.platforms
+    from vllm.platforms.interface import UnspecifiedPlatform
+
+    from server import cli
+    from server.lifecycle import ExitCode
+
+    monkeypatch.setattr(vllm.platforms, "_current_platform", UnspecifiedPlatform())
+    code = cli.serve(argparse.Namespace(config="config/tiny.yaml", host=None, port=None))
+    assert code == ExitCode.ENGINE_STARTUP_FAILED
+    err = capsys.readouterr().err  # vLLM's import may log before it, never a traceback
+    ours = [line for line in err.splitlines() if line.startswith("gemma-server:")]
+    assert len(ours) == 1 and ours[0].startswith("gemma-server: cannot start the engine: vLLM sees no GPU"), err
+    assert "Traceback" not in err
