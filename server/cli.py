@@ -59,7 +59,7 @@ def serve(args: argparse.Namespace) -> int:
     try:
         settings = load_settings(args.config, **({"server": overrides} if overrides else {}))
     except (FileNotFoundError, ValueError) as exc:
-        print(f"gemma-server: invalid configuration: {exc}", file=sys.stderr)
+        print(f"gemma-server: invalid configuration: {exc}{_env_hint(exc)}", file=sys.stderr)
         return ExitCode.INVALID_CONFIGURATION
     configure_logging(settings.server.log_level, settings.server.log_format)
     from server.engine.vllm_engine import device_problem
@@ -72,6 +72,17 @@ def serve(args: argparse.Namespace) -> int:
 
         return serve_api_processes(settings)
     return run_server(settings)
+
+
+def _env_hint(exc: Exception) -> str:
+    """pydantic-settings names only the section when a GEMMA_SERVER_* variable is not what its
+    setting's type reads; the usual cause is a list given as plain text."""
+    if "EnvSettingsSource" not in str(exc):
+        return ""
+    return (
+        " (a GEMMA_SERVER_* variable of that section could not be read: lists and mappings are JSON, "
+        "e.g. GEMMA_SERVER_AUTH__API_KEYS='[\"sk-one\", \"sk-two\"]')"
+    )
 
 
 def make_tiny_model(args: argparse.Namespace) -> int:

@@ -76,3 +76,15 @@ def test_without_a_device_for_vllm_serve_exits_3_with_one_line(
     ours = [line for line in err.splitlines() if line.startswith("gemma-server:")]
     assert len(ours) == 1 and ours[0].startswith("gemma-server: cannot start the engine: vLLM sees no GPU"), err
     assert "Traceback" not in err
+
+
+def test_a_list_setting_given_as_plain_text_is_refused_with_the_json_form(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from server import cli
+    from server.lifecycle import ExitCode
+
+    monkeypatch.setenv("GEMMA_SERVER_AUTH__API_KEYS", "sk-plain")  # seen in a compose env file
+    code = cli.serve(argparse.Namespace(config="config/tiny.yaml", host=None, port=None))
+    assert code == ExitCode.INVALID_CONFIGURATION
+    assert "lists and mappings are JSON, e.g. GEMMA_SERVER_AUTH__API_KEYS='[" in capsys.readouterr().err
