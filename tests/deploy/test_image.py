@@ -1,10 +1,12 @@
 """The CPU image built for real from the Dockerfile, run as docs/deployment.md says, and stopped as
 an orchestrator stops it; then the CPU Kustomize overlay's Deployment run from the rendered manifests
-with `podman kube play`. podman stands in for Docker and the kubelet: the Dockerfile, the run flags
+with `podman kube play`; then docker-compose.yml's CPU profile brought up with podman-compose, its
+Prometheus scraping the server. podman stands in for Docker and the kubelet: the Dockerfile, the run flags
 and the manifests are the ones users run (tests/deploy/podman.py says what differs and why).
 
 SLOW: a first build takes about ten minutes on 2 cores (later ones reuse podman's layer cache), and
-each of the two servers (the container's, then the pod's; never both at once) 1-2 minutes to start.
+each of the three servers (the container's, the pod's, the compose stack's; one at a time) 1-2
+minutes to start.
 These tests run before the live tier starts its servers (tests/deploy sorts first), so the machine
 holds one server at a time here.
 """
@@ -12,6 +14,8 @@ holds one server at a time here.
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,8 +28,17 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.deploy.podman import CPU_IMAGE, Build, build_cpu_image, logs, podman, podman_json, wait_ready
-from tests.deploy.support import K8S, container, find, render_kustomization
+from tests.deploy.podman import (
+    CPU_IMAGE,
+    Build,
+    build_cpu_image,
+    logs,
+    podman,
+    podman_env,
+    podman_json,
+    wait_ready,
+)
+from tests.deploy.support import K8S, ROOT, TOOLS, container, find, render_kustomization, tool
 from tests.support.images import png_data_uri
 from tests.support.live_server import free_port
 
@@ -216,6 +229,7 @@ class Pod:
     probes: dict[str, dict[str, Any]]
     spec: dict[str, Any]  # the server container's, as played
     ready_after: float
+    stop: Callable[[], None]  # kube down (the compose stack after it takes the machine's server slot)
 
 
 @pytest.fixture(scope="module")
@@ -271,7 +285,7 @@ def pod(built: Build, running: Running, tmp_path_factory: pytest.TempPathFactory
     (name,) = [found for found in names if found.startswith(prefix) and found.endswith(suffix)]
     try:
         base_url = f"http://127.0.0.1:{port}"
-        yield Pod(name, base_url, probes, spec, wait_ready(base_url, name))
+        yield Pod(name, base_url, probes, spec, wait_ready(base_url, name), clean)
     finally:
         clean()
 
@@ -303,3 +317,84 @@ def test_the_cpu_overlay_runs_as_a_pod_that_serves(pod: Pod, report: Callable[[s
     assert code == 0, out
     code, out = in_container(pod.container, "id -u; touch /app/x")
     assert out.split()[0] == "10001" and "Read-only file system" in out, out
+
+
+# ---- docker-compose.yml ---------------------------------------------------------------------------
+
+
+@dataclass
+class Stack:
+    project: str
+    server: str  # the server's container
+    base_url: str
+    prometheus_url: str
+    ready_after: float
+
+
+@pytest.fixture(scope="module")
+def stack(built: Build, pod: Pod, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """`podman-compose --profile cpu up -d` of the repo's docker-compose.yml, as the README says,
+    with two differences: only the server and Prometheus (Grafana's image cannot be pulled here, nor
+    made from Debian's packages: its dashboard and provisioning are checked statically), and
+    Prometheus' image is a stand-in made from Debian's package of the same release
+    (deploy/tools/prometheus-image.sh). The project runs from a copy of the files the compose file
+    names, so that its secrets.env (the API key) is the test's and not a developer's."""
+    pod.stop()  # one server at a time
+    run = subprocess.run(["bash", str(TOOLS / "prometheus-image.sh")], capture_output=True, text=True,
+                         timeout=900, env=podman_env(), check=False)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    folder = tmp_path_factory.mktemp("compose")
+    shutil.copy(ROOT / "docker-compose.yml", folder)
+    shutil.copytree(ROOT / "deploy" / "observability", folder / "deploy" / "observability")
+    (folder / "deploy" / "compose").mkdir()
+    # As deploy/compose/secrets.env.example says: a JSON list.
+    (folder / "deploy" / "compose" / "secrets.env").write_text(f'GEMMA_SERVER_AUTH__API_KEYS=["{API_KEY}"]\n')
+    server_port, prometheus_port = free_port(), free_port()
+    project = "gemma-compose-test"
+    env = {**podman_env(), "GEMMA_SERVER_PORT": str(server_port), "PROMETHEUS_PORT": str(prometheus_port)}
+    # The image the `built` fixture made is the one the cpu profile names (gemma-server:cpu).
+    assert built.log.exists() and podman("image", "exists", "gemma-server:cpu", check=False).returncode == 0
+
+    def compose(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [tool("podman-compose"), "--project-name", project, "--profile", "cpu", *args]
+        return subprocess.run(command, cwd=folder, capture_output=True, text=True, timeout=600, env=env, check=False)
+
+    compose("down", "--volumes")
+    up = compose("up", "--detach", "gemma-server-cpu", "prometheus")
+    try:
+        assert up.returncode == 0, up.stdout[-2000:] + up.stderr[-3000:]
+        server = f"{project}_gemma-server-cpu_1"
+        base_url = f"http://127.0.0.1:{server_port}"
+        yield Stack(project, server, base_url, f"http://127.0.0.1:{prometheus_port}", wait_ready(base_url, server))
+    finally:
+        down = compose("down", "--volumes")
+        assert down.returncode == 0, down.stderr[-2000:]
+
+
+def test_compose_brings_up_the_server_with_prometheus_scraping_it(stack: Stack, report: Callable[[str], None]) -> None:
+    assert_serves_text_images_and_stored_responses(stack.base_url)
+    # The compose file's healthcheck (/ready) passes, and the service has the drain settings it gives.
+    assert podman("healthcheck", "run", stack.server, check=False).returncode == 0
+    _, out = in_container(stack.server, "env")
+    assert "GEMMA_SERVER_SERVER__DRAIN_TIMEOUT_SECONDS=30" in out.split()
+    # Prometheus (its config and alert rules from the repo) scrapes the server through the network
+    # alias: the target is up and the router-facing gauge has a sample.
+    query = {"query": 'vllm:num_requests_waiting{job="gemma-server"}'}
+    started = time.monotonic()
+    while True:
+        targets = httpx.get(f"{stack.prometheus_url}/api/v1/targets", timeout=10).json()["data"]["activeTargets"]
+        result = httpx.get(f"{stack.prometheus_url}/api/v1/query", params=query, timeout=10).json()["data"]["result"]
+        if [target["health"] for target in targets] == ["up"] and result:
+            break
+        errors = [(target["scrapeUrl"], target["health"], target["lastError"]) for target in targets]
+        assert time.monotonic() - started < 120, (errors, result)  # scrape_interval is 15 s
+        time.sleep(2)
+    (target,) = targets
+    assert target["labels"]["job"] == "gemma-server" and target["scrapeUrl"] == "http://gemma-server:8000/metrics"
+    assert len(result) == 1, result
+    groups = httpx.get(f"{stack.prometheus_url}/api/v1/rules", timeout=10).json()["data"]["groups"]
+    rules = [rule["name"] for group in groups for rule in group["rules"]]
+    assert "GemmaServerDown" in rules and all(rule["health"] == "ok" for g in groups for rule in g["rules"]), groups
+    scraped = time.monotonic() - started
+    report(f"compose (podman-compose, cpu profile): server ready {stack.ready_after:.0f} s after `up`, "
+           f"Prometheus target up {scraped:.0f} s later with {len(rules)} alert rules loaded")  # fmt: skip
