@@ -81,7 +81,7 @@ def _env_hint(exc: Exception) -> str:
         return ""
     return (
         " (a GEMMA_SERVER_* variable of that section could not be read: lists and mappings are JSON, "
-        "e.g. GEMMA_SERVER_AUTH__API_KEYS='[\"sk-one\", \"sk-two\"]')"
+        'e.g. GEMMA_SERVER_AUTH__API_KEYS=\'["sk-one", "sk-two"]\')'
     )
 
 
