@@ -16,6 +16,7 @@ transactions.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -99,8 +100,19 @@ class SqliteResponseStore(SqlResponseStore):
 
 
 async def _use_wal(connection: aiosqlite.Connection) -> None:
-    async with connection.execute("PRAGMA journal_mode = WAL") as cursor:
-        row = await cursor.fetchone()
+    # Switching a new file to WAL needs an exclusive lock, and SQLite answers "database is locked" at
+    # once, without the busy handler, when another connection holds the file (API processes opening a
+    # new database together): retry within the busy timeout, as a writer would wait.
+    deadline = asyncio.get_running_loop().time() + BUSY_TIMEOUT_SECONDS
+    while True:
+        try:
+            async with connection.execute("PRAGMA journal_mode = WAL") as cursor:
+                row = await cursor.fetchone()
+            break
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.05)
     if row is None or str(row[0]).lower() != "wal":
         # e.g. a file system without shared memory: several processes could not share the file safely.
         raise RuntimeError(f"SQLite refused WAL mode (journal_mode={row[0] if row else None})")
