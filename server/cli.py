@@ -2,6 +2,8 @@
 
     gemma-server serve --config config/tiny.yaml [--host H] [--port P]
     gemma-server make-tiny-model DIR [--force]
+    gemma-server make-tiny-adapter DIR --seed N [--rank R] [--base DIR] [--force]
+    gemma-server hash-key < key.txt      (the `sha256` of a key, for auth.keys)
 
 `serve` runs uvicorn on the app from `server.app.create_app`; it exits non-zero when the engine
 fails to start or dies, so an orchestrator restarts the process. SIGTERM drains and exits 0 (see
@@ -27,6 +29,10 @@ def main(argv: list[str] | None = None) -> int:
         exit_now(serve(args))
     if args.command == "make-tiny-model":
         return make_tiny_model(args)
+    if args.command == "make-tiny-adapter":
+        return make_tiny_adapter(args)
+    if args.command == "hash-key":
+        return hash_key()
     parser.print_help()
     return 2
 
@@ -43,7 +49,37 @@ def _parser() -> argparse.ArgumentParser:
     tiny_cmd = commands.add_parser("make-tiny-model", help="write the tiny random-weight Gemma 3 checkpoint")
     tiny_cmd.add_argument("directory")
     tiny_cmd.add_argument("--force", action="store_true", help="rebuild even if it exists")
+
+    adapter_cmd = commands.add_parser(
+        "make-tiny-adapter", help="write a tiny random-weight LoRA adapter (PEFT) for the tiny checkpoint"
+    )
+    adapter_cmd.add_argument("directory")
+    adapter_cmd.add_argument("--seed", type=int, required=True, help="same seed, same adapter")
+    adapter_cmd.add_argument("--rank", type=int, default=8, help="LoRA rank r (default: 8)")
+    adapter_cmd.add_argument(
+        "--base",
+        default="~/.cache/gemma-server/tiny-gemma3",
+        help="the tiny checkpoint (built there if missing; default: ~/.cache/gemma-server/tiny-gemma3)",
+    )
+    adapter_cmd.add_argument("--force", action="store_true", help="rebuild even if it exists")
+
+    commands.add_parser(
+        "hash-key",
+        help="print the SHA-256 of the API key read from stdin, for auth.keys[].sha256 "
+        "(stdin, not an argument: keys stay out of shell history and process lists)",
+    )
     return parser
+
+
+def hash_key() -> int:
+    import hashlib
+
+    key = sys.stdin.readline().strip()
+    if len(key) < 8:
+        print("gemma-server: give the key (8 characters or more) on stdin", file=sys.stderr)
+        return 2
+    print(hashlib.sha256(key.encode()).hexdigest())
+    return 0
 
 
 def serve(args: argparse.Namespace) -> int:
@@ -91,5 +127,15 @@ def make_tiny_model(args: argparse.Namespace) -> int:
 
     configure_logging("info")
     path = build_tiny_model(args.directory, force=args.force)
+    print(path)
+    return 0
+
+
+def make_tiny_adapter(args: argparse.Namespace) -> int:
+    from server.logging_setup import configure_logging
+    from server.tiny_adapter import build_tiny_adapter
+
+    configure_logging("info")
+    path = build_tiny_adapter(args.directory, args.base, seed=args.seed, rank=args.rank, force=args.force)
     print(path)
     return 0

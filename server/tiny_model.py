@@ -156,16 +156,22 @@ def build_tiny_model(out_dir: str | Path, *, force: bool = False) -> Path:
         )
         shutil.copyfile(CHAT_TEMPLATE_FILE, staging / "chat_template.jinja")
         _write_weights(staging)
-        (staging / COMPLETE_MARKER).write_text(f"seed={SEED}\n")
-        _make_world_readable(staging)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
+        publish_build(staging, out, COMPLETE_MARKER, f"seed={SEED}\n")
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     log.info("tiny Gemma 3 written to %s", out)
     return out
+
+
+def publish_build(staging: Path, out: Path, marker: str, stamp: str) -> None:
+    """Marks a finished build in `staging` (the marker last: an interrupted build has none) and
+    moves it to `out` in one rename, replacing an older build."""
+    (staging / marker).write_text(stamp)
+    _make_world_readable(staging)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(staging, out)
 
 
 def is_complete(path: str | Path) -> bool:
