@@ -40,9 +40,12 @@ from server.engine.interface import EngineClient
 from server.errors import APIError
 from server.media.images import ImageLoader
 from server.metrics import CONTENT_TYPE, Metrics
+from server.pipeline.adapter_check import check_adapter
 from server.pipeline.admission import Admission, AdmissionCounts
+from server.pipeline.models import ServedModels
 from server.pipeline.pipeline import Pipeline
 from server.protocols.anthropic import routes as anthropic_routes
+from server.protocols.openai import adapters as adapter_routes
 from server.protocols.openai import routes as openai_routes
 from server.protocols.responses import routes as responses_routes
 from server.protocols.responses.service import ResponsesService
@@ -81,10 +84,11 @@ class AppState:
         self.metrics = Metrics()
         self.images = ImageLoader(settings.images)
         self.admission = Admission(settings.admission, self.metrics, shared_admission_counts)
-        self.pipeline = Pipeline(settings, engine, self.metrics, self.admission, self.images)
+        self.started_at = int(time.time())
+        self.models = ServedModels(settings, engine.model_name, created=self.started_at)
+        self.pipeline = Pipeline(settings, engine, self.metrics, self.admission, self.images, self.models)
         self.responses = ResponsesService(lambda: _open_response_store(settings))
         self.api_keys = ApiKeys(settings.auth)
-        self.started_at = int(time.time())
         self.startup_error: str | None = None
         self.self_tested = False
         self.draining = False
@@ -174,6 +178,8 @@ def create_app(
     app.include_router(openai_routes.router)
     app.include_router(anthropic_routes.router)
     app.include_router(responses_routes.router)
+    if settings.lora.runtime_loading:
+        app.include_router(adapter_routes.router)
     return app
 
 
@@ -203,11 +209,28 @@ async def _start_engine(state: AppState) -> None:
     await run_self_test(state.pipeline)
 
 
+async def _load_configured_adapters(state: AppState) -> None:
+    """Checks and loads `lora.adapters` into the engine before the server is ready: a bad one fails
+    start-up with its reason (a bad adapter that first reached the engine with a request would kill
+    the engine), and no first request waits for an adapter's weights."""
+    for adapter in state.models.adapters:
+        check_adapter(
+            adapter.path,
+            max_rank=state.settings.lora.max_lora_rank,
+            base_model=state.settings.model.resolved_path,
+            param=f"lora.adapters[{adapter.name}]",
+        )
+        await state.engine.add_adapter(adapter)
+        adapter.loaded = True
+        log.info("LoRA adapter %r loaded from %s", adapter.name, adapter.path)
+
+
 async def _run_startup(state: AppState, starter: Callable[[], Awaitable[None]]) -> None:
     timeout = state.settings.server.engine_startup_timeout_seconds
     try:
         async with asyncio.timeout(timeout):
             await starter()
+            await _load_configured_adapters(state)
     except asyncio.CancelledError:
         raise
     except BaseException as exc:

@@ -79,6 +79,12 @@ class AuthenticationError(APIError):
     default_code = "invalid_api_key"
 
 
+class PermissionDeniedError(APIError):
+    status_code = 403
+    error_type = "permission_error"
+    default_code = "permission_denied"
+
+
 class NotFoundError(APIError):
     status_code = 404
     error_type = "invalid_request_error"

@@ -61,9 +61,12 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        # `model`: the served name (the base model or a LoRA adapter). Names come from the configuration
+        # and admin-loaded adapters only, never from what a client sends, so the label stays bounded.
         self.time_to_first_token = Histogram(
             f"{PREFIX}_time_to_first_token_seconds",
-            "Time from receiving a generation request to its first output token.",
+            "Time from receiving a generation request to its first output token, by served model.",
+            ["model"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
@@ -92,10 +95,30 @@ class Metrics:
             registry=r,
         )
         self.prompt_tokens = Counter(
-            f"{PREFIX}_prompt_tokens", "Prompt tokens of finished requests (images included).", registry=r
+            f"{PREFIX}_prompt_tokens",
+            "Prompt tokens of finished generations (images included), by served model.",
+            ["model"],
+            registry=r,
         )
         self.completion_tokens = Counter(
-            f"{PREFIX}_completion_tokens", "Generated tokens of finished requests.", registry=r
+            f"{PREFIX}_completion_tokens",
+            "Generated tokens of finished generations, by served model.",
+            ["model"],
+            registry=r,
+        )
+        self.generations = Counter(
+            f"{PREFIX}_generations",
+            "Engine generations (one per choice of n greedy ones), by served model and outcome "
+            "(finished, ended_early).",
+            ["model", "outcome"],
+            registry=r,
+        )
+        self.generation_seconds = Histogram(
+            f"{PREFIX}_generation_duration_seconds",
+            "Time from receiving a generation request to its generation's end, by served model.",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.images = Counter(
             f"{PREFIX}_images", "Images received, by source (data URI or URL).", ["source"], registry=r

@@ -270,10 +270,96 @@ class AdmissionSettings(_Section):
     retry_after_seconds: int = Field(1, ge=0, description="Retry-After sent with 429 and 503.")
 
 
+class LoraAdapterSettings(_Section):
+    name: str = Field(
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$",
+        description="The model name clients send to use this adapter; /v1/models lists it.",
+    )
+    path: str = Field(
+        min_length=1,
+        description="A local PEFT adapter folder (adapter_config.json + adapter_model.safetensors); `~` is "
+        "expanded. On GPU configs with hub access, a Hugging Face adapter id is also accepted.",
+    )
+
+    @property
+    def resolved_path(self) -> str:
+        """A local folder with `~` expanded and made absolute; a hub id is returned as it is."""
+        expanded = os.path.expanduser(self.path)
+        if expanded.startswith(("/", ".")) or Path(expanded).exists():
+            return str(Path(expanded).resolve())
+        return self.path
+
+
+class LoraSettings(_Section):
+    adapters: list[LoraAdapterSettings] = Field(
+        default_factory=list,
+        description="LoRA adapters of the model, loaded at start-up; each served under its `name` on every "
+        'route (e.g. [{"name": "sql-expert", "path": "/adapters/sql-expert"}]).',
+    )
+    max_loras: int = Field(4, ge=1, description="Adapters one batch may mix (vLLM's max_loras).")
+    max_lora_rank: int = Field(
+        16, ge=1, le=512, description="Largest adapter rank accepted; vLLM sizes its LoRA buffers for it."
+    )
+    max_cpu_loras: int | None = Field(
+        None, ge=1, description="Adapters kept in host memory for quick swap-in (vLLM's max_cpu_loras)."
+    )
+    runtime_loading: bool = Field(
+        False,
+        description="Serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (admin keys only). "
+        "Needs auth with an admin key and one API process.",
+    )
+
+    @property
+    def enabled(self) -> bool:
+        """The engine starts with LoRA only when there is something to serve with it."""
+        return bool(self.adapters) or self.runtime_loading
+
+    @model_validator(mode="after")
+    def _names_unique(self) -> LoraSettings:
+        names = [adapter.name for adapter in self.adapters]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"lora.adapters names {repeated} appear more than once")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError("lora.max_cpu_loras must be at least lora.max_loras")
+        return self
+
+
+SHA256_HEX = r"^[0-9a-f]{64}$"
+
+
+class ApiKeySettings(_Section):
+    """One API key with what it may do. Give `sha256` (the hex SHA-256 of the key, so the key itself is
+    not in the configuration: `gemma-server hash-key`) or `key`."""
+
+    key: str | None = Field(None, min_length=8, description="The key itself (prefer `sha256`).")
+    sha256: str | None = Field(None, pattern=SHA256_HEX, description="Hex SHA-256 of the key.")
+    models: list[str] | None = Field(
+        None,
+        description="Model and adapter names this key sees and may use; others are 404 to it, as if they "
+        "did not exist. Omitted: every name.",
+    )
+    admin: bool = Field(False, description="May load and unload LoRA adapters at runtime.")
+
+    @model_validator(mode="after")
+    def _one_form(self) -> ApiKeySettings:
+        if (self.key is None) == (self.sha256 is None):
+            raise ValueError("an auth.keys entry needs exactly one of `key` or `sha256`")
+        return self
+
+
 class AuthSettings(_Section):
     api_keys: list[str] = Field(
         default_factory=list,
-        description="Accepted API keys (Authorization: Bearer <key>). Empty and no file: no auth.",
+        description="Accepted API keys (Authorization: Bearer <key>), each seeing every model. Empty, no "
+        "file and no `keys`: no auth.",
+    )
+    keys: list[ApiKeySettings] = Field(
+        default_factory=list,
+        description='Keys with scopes: [{"sha256": "<hex>", "models": ["sql-expert"]}, {"sha256": "<hex>", '
+        '"admin": true}].',
     )
     api_keys_file: str | None = Field(
         None, description="A file with one API key per line (e.g. a mounted Kubernetes Secret)."
@@ -333,12 +419,27 @@ class Settings(BaseSettings):
     admission: AdmissionSettings = Field(default_factory=AdmissionSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     responses: ResponsesStoreSettings = Field(default_factory=ResponsesStoreSettings)
+    lora: LoraSettings = Field(default_factory=LoraSettings)
 
     @model_validator(mode="after")
     def _check_consistency(self) -> Settings:
         if self.server.default_max_tokens and self.server.default_max_tokens >= self.engine.max_model_len:
             raise ValueError("server.default_max_tokens must be below engine.max_model_len")
+        self._check_lora()
         return self
+
+    def _check_lora(self) -> None:
+        taken = {self.model.served_name, *self.model.aliases}
+        clashing = sorted(adapter.name for adapter in self.lora.adapters if adapter.name in taken)
+        if clashing:
+            raise ValueError(f"lora.adapters names {clashing} are already the served model's name or an alias")
+        if self.lora.runtime_loading:
+            if not any(key.admin for key in self.auth.keys):
+                raise ValueError("lora.runtime_loading needs an admin key (auth.keys entry with admin: true)")
+            if self.server.api_processes > 1:
+                # Each API process keeps its own table of adapter names; one loaded through one process
+                # would be unknown to the others.
+                raise ValueError("lora.runtime_loading needs server.api_processes: 1")
 
     @classmethod
     def settings_customise_sources(

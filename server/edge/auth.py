@@ -2,8 +2,13 @@
 
 Keys come from `auth.api_keys` (the YAML file or `GEMMA_SERVER_AUTH__API_KEYS='["k1","k2"]'`)
 and from `auth.api_keys_file` (one key per line, `#` comments; re-read when it changes, so a
-rotated Kubernetes Secret takes effect without a restart). Auth is on when either is set; a
+rotated Kubernetes Secret takes effect without a restart); both see every model. `auth.keys` adds
+keys with scopes, given by their SHA-256 so the configuration need not hold them: the model and
+adapter names a key may use, and `admin` for loading adapters. Auth is on when any is set; a
 configured file that is empty still turns it on (fail closed).
+
+The request's `Grant` (server/pipeline/models.py) is put on its scope for the routes: a name a key
+may not use is resolved as a name that does not exist (404), so names do not leak.
 
 `AuthMiddleware` decides on the route the request will actually be dispatched to: it runs the
 app's own route matching on the request's path (never on a URL rebuilt from the Host header).
@@ -35,6 +40,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server import errors
 from server.errors import AuthenticationError, BadRequestError
+from server.pipeline.models import EVERYTHING, Grant
 from server.pipeline.normalize import NORMALIZED_HEADER
 from server.settings import AuthSettings
 
@@ -59,7 +65,11 @@ def read_key_file(path: Path) -> list[str]:
 
 class ApiKeys:
     def __init__(self, settings: AuthSettings) -> None:
-        self._static = [_digest(key.strip()) for key in settings.api_keys if key.strip()]
+        self._static = [(_digest(key.strip()), EVERYTHING) for key in settings.api_keys if key.strip()]
+        for scoped in settings.keys:
+            digest = bytes.fromhex(scoped.sha256) if scoped.sha256 is not None else _digest(scoped.key or "")
+            models = frozenset(scoped.models) if scoped.models is not None else None
+            self._static.append((digest, Grant(models, scoped.admin)))
         self._file = Path(os.path.expanduser(settings.api_keys_file)) if settings.api_keys_file else None
         self.enabled = bool(self._static) or self._file is not None
         self._from_file: list[bytes] = []
@@ -89,13 +99,19 @@ class ApiKeys:
         except OSError:
             log.warning("the API key file cannot be read; keeping the keys loaded before")
 
-    def accepts(self, presented: str) -> bool:
+    def grant_for(self, presented: str) -> Grant | None:
+        """What the presented key may do, or None if it is no key of ours. Every known key is
+        compared (no early exit), so the timing says nothing about which one matched."""
         self._maybe_reload()
         digest = _digest(presented)
-        accepted = False
-        for known in (*self._static, *self._from_file):
-            accepted |= hmac.compare_digest(digest, known)
-        return accepted
+        grant: Grant | None = None
+        for known, known_grant in (*self._static, *((key, EVERYTHING) for key in self._from_file)):
+            if hmac.compare_digest(digest, known) and grant is None:
+                grant = known_grant
+        return grant
+
+    def accepts(self, presented: str) -> bool:
+        return self.grant_for(presented) is not None
 
 
 ANONYMOUS = "anonymous"  # the caller when auth is off
@@ -154,9 +170,12 @@ class AuthMiddleware:
             await self.app(scope, receive, send)
             return
         token = presented_key(Headers(scope=scope))
-        if token is not None and self.keys.accepts(token):
+        grant = self.keys.grant_for(token) if token is not None else None
+        if token is not None and grant is not None:
+            state = scope.setdefault("state", {})
             # Who is asking, for what is owned per key (stored responses): a digest, never the key.
-            scope.setdefault("state", {})["caller"] = caller_id(token)
+            state["caller"] = caller_id(token)
+            state["grant"] = grant
             await self.app(scope, receive, send)
             return
         if scope["type"] == "websocket":

@@ -95,6 +95,14 @@ class EngineStep:
     prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
+class LoraAdapter(Protocol):
+    """A LoRA adapter as the engine needs it (server/pipeline/models.py's `Adapter` is one)."""
+
+    name: str
+    path: str
+    lora_id: int  # the engine's number for it: one adapter, one number, for the engine's lifetime
+
+
 class EngineClient(Protocol):
     """What serving code needs from an engine."""
 
@@ -115,8 +123,14 @@ class EngineClient(Protocol):
     async def prepare(self, prompt: EnginePrompt) -> PreparedPrompt: ...
 
     def generate(
-        self, prompt: PreparedPrompt, options: SamplingOptions, request_id: str
+        self, prompt: PreparedPrompt, options: SamplingOptions, request_id: str, adapter: LoraAdapter | None = None
     ) -> AsyncIterator[EngineStep]: ...
+
+    async def add_adapter(self, adapter: LoraAdapter) -> None:
+        """Loads a LoRA adapter's weights into the engine (a bad adapter raises BadRequestError)."""
+        ...
+
+    async def remove_adapter(self, adapter: LoraAdapter) -> None: ...
 
     async def abort(self, request_id: str) -> None: ...
 

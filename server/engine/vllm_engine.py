@@ -24,6 +24,7 @@ from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.exceptions import VLLMClientError, VLLMValidationError
 from vllm.inputs import TokensPrompt
 from vllm.logprobs import Logprob
+from vllm.lora.request import LoRARequest
 from vllm.outputs import RequestOutput
 from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 from vllm.usage.usage_lib import UsageContext
@@ -34,6 +35,7 @@ from server.engine.interface import (
     ChoiceDelta,
     EnginePrompt,
     EngineStep,
+    LoraAdapter,
     PreparedPrompt,
     SamplingOptions,
     TokenLogprob,
@@ -91,6 +93,11 @@ def engine_args_from_settings(settings: Settings) -> AsyncEngineArgs:
     }
     if engine.distributed_executor_backend != "auto":
         args["distributed_executor_backend"] = engine.distributed_executor_backend
+    lora = settings.lora
+    if lora.enabled:  # LoRA costs memory and a little compute per step: only when there are adapters
+        args.update(enable_lora=True, max_loras=lora.max_loras, max_lora_rank=lora.max_lora_rank)
+        if lora.max_cpu_loras is not None:
+            args["max_cpu_loras"] = lora.max_cpu_loras
     args.update(engine.extra_args)
     return AsyncEngineArgs(**args)
 
@@ -235,15 +242,16 @@ class VllmEngine:
         return PreparedPrompt(token_ids=token_ids, num_image_tokens=num_image_tokens, engine_input=engine_input)
 
     async def generate(
-        self, prompt: PreparedPrompt, options: SamplingOptions, request_id: str
+        self, prompt: PreparedPrompt, options: SamplingOptions, request_id: str, adapter: LoraAdapter | None = None
     ) -> AsyncIterator[EngineStep]:
         llm = self._require()
         params = self._sampling_params(options)
         want_logprobs = options.logprobs is not None
         want_prompt_logprobs = options.prompt_logprobs is not None
+        lora_request = _lora_request(adapter) if adapter is not None else None
         self._active.add(request_id)
         try:
-            async for output in llm.generate(prompt.engine_input, params, request_id):
+            async for output in llm.generate(prompt.engine_input, params, request_id, lora_request=lora_request):
                 step = _step_from_output(output, want_logprobs=want_logprobs, want_prompt_logprobs=want_prompt_logprobs)
                 want_prompt_logprobs = False  # they come with the first output only
                 if any(choice.finish_reason == "abort" for choice in step.choices):
@@ -265,6 +273,27 @@ class VllmEngine:
             raise EngineError("the engine failed to generate a response") from exc
         finally:
             self._active.discard(request_id)
+
+    async def add_adapter(self, adapter: LoraAdapter) -> None:
+        llm = self._require()
+        try:
+            await llm.add_lora(_lora_request(adapter))
+        except EngineDeadError as exc:
+            raise ServiceUnavailableError("the inference engine has stopped") from exc
+        except Exception as exc:
+            # vLLM raises a bare Exception ("Call to add_lora method failed: Worker failed with error
+            # 'LoRA rank 16 is greater than max_lora_rank 8.'") and stays up: only the adapter is refused.
+            if llm.errored:
+                raise ServiceUnavailableError("the inference engine has stopped") from exc
+            raise BadRequestError(
+                f"the engine could not load adapter '{adapter.name}': {_worker_error(exc)}",
+                param="lora_path",
+                code="adapter_invalid",
+            ) from exc
+
+    async def remove_adapter(self, adapter: LoraAdapter) -> None:
+        if self._llm is not None and not self._llm.errored:
+            await self._llm.remove_lora(adapter.lora_id)
 
     async def abort(self, request_id: str) -> None:
         if self._llm is not None:
@@ -322,6 +351,16 @@ class VllmEngine:
             )
         except (ValueError, TypeError, VLLMClientError) as exc:
             raise _bad_request(exc) from exc
+
+
+def _worker_error(exc: Exception) -> str:
+    """The worker's own message out of vLLM's wrapper text, when it is there."""
+    found = re.search(r"Worker failed with error '(.*)', please check", str(exc), re.DOTALL)
+    return found.group(1) if found else str(exc)
+
+
+def _lora_request(adapter: LoraAdapter) -> LoRARequest:
+    return LoRARequest(lora_name=adapter.name, lora_int_id=adapter.lora_id, lora_path=adapter.path)
 
 
 def _bad_request(exc: BaseException) -> BadRequestError:

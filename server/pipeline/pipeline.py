@@ -6,7 +6,8 @@
 A protocol adapter (`server/protocols/...`) parses its wire request into a `GenerationRequest` and
 hands it to `Pipeline.respond` with a `ResponseEncoder`, its own way of writing events. Everything
 else happens here, once, for every protocol:
-- the model name is checked, then an admission slot is taken before any expensive work (429/503);
+- the model name is resolved (`models.py`: the base, an alias or a LoRA adapter, within the caller's
+  key scope), then an admission slot is taken before any expensive work (429/503);
 - chat turns are normalized for Gemma 3 (`normalize.py`), tools planned (`tools.py`), images fetched
   and decoded concurrently (`server/media/`), the model's template rendered and tokenized
   (`prompt.py`), and the engine's multimodal processor expands the image tokens;
@@ -34,12 +35,13 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from server.engine.interface import EngineClient, EnginePrompt, PreparedPrompt, SamplingOptions, TokenLogprob
-from server.errors import APIError, BadRequestError, ContextLengthExceededError, ModelNotFoundError
+from server.errors import APIError, BadRequestError, ContextLengthExceededError
 from server.media.images import ImageLoader
 from server.metrics import Metrics
 from server.pipeline.admission import Admission
 from server.pipeline.disconnect import cancel_on_disconnect
 from server.pipeline.events import ChoiceResult, Event, TextDelta, ToolCalls, Usage
+from server.pipeline.models import ServedModel, ServedModels, grant_of
 from server.pipeline.normalize import Conversation
 from server.pipeline.prompt import conversation_for_template, render_prompt
 from server.pipeline.request import ChatInput, GenerationRequest, Image, RawPrompt, Text
@@ -219,38 +221,50 @@ class Run:
 
 class Pipeline:
     def __init__(
-        self, settings: Settings, engine: EngineClient, metrics: Metrics, admission: Admission, images: ImageLoader
+        self,
+        settings: Settings,
+        engine: EngineClient,
+        metrics: Metrics,
+        admission: Admission,
+        images: ImageLoader,
+        models: ServedModels | None = None,
     ) -> None:
         self.settings = settings
         self.engine = engine
         self.metrics = metrics
         self.admission = admission
         self.images = images
+        self.models = models if models is not None else ServedModels(settings, engine.model_name)
         self.runner = EngineRunner(engine, metrics)
 
     @property
     def model_name(self) -> str:
-        return self.engine.model_name
+        """The base model's name."""
+        return self.models.base.name
 
     @property
     def tokenizer(self) -> Any:
         return self.engine.tokenizer
 
-    def check_model(self, model: str | None) -> str:
-        """The served model a request's `model` names (itself, an alias, or any name if configured)."""
-        served = self.engine.model_name
-        settings = self.settings.model
-        if model is None or model == served or model in settings.aliases or settings.accept_any_name:
-            return served
-        raise ModelNotFoundError(f"The model '{model}' does not exist; this server serves '{served}'.", param="model")
+    def resolve_model(self, model: str | None, http: Request | None = None) -> ServedModel:
+        """The model (base or adapter) a request's `model` names, if the caller's key may use it;
+        404 model_not_found otherwise. Every route calls this first."""
+        return self.models.resolve(model, grant_of(http.scope) if http is not None else None)
 
     # ---- the whole request ----------------------------------------------------------------
 
-    async def respond(self, request: GenerationRequest, http: Request | None, encoder: ResponseEncoder) -> Response:
-        """Admits, runs and answers one request; `http` lets it be cancelled when its client goes away."""
-        self.check_model(request.model)
+    async def respond(
+        self,
+        request: GenerationRequest,
+        http: Request | None,
+        encoder: ResponseEncoder,
+        served: ServedModel | None = None,
+    ) -> Response:
+        """Admits, runs and answers one request; `http` lets it be cancelled when its client goes away.
+        `served`: the request's model if the route resolved it already (for its encoder)."""
+        served = served if served is not None else self.resolve_model(request.model, http)
         async with self.admission.slot(estimate_prompt_tokens(request), http) as slot:
-            run = await self.start(request, http)
+            run = await self.start(request, http, served)
             headers = encoder.headers(run)
             if request.output.stream:
                 stream = self.stream(run, encoder)
@@ -285,8 +299,12 @@ class Pipeline:
         if end:
             yield end
 
-    async def start(self, request: GenerationRequest, http: Request | None = None) -> Run:
-        """Prepares the prompts and starts their generations; returns once each has its first step."""
+    async def start(
+        self, request: GenerationRequest, http: Request | None = None, served: ServedModel | None = None
+    ) -> Run:
+        """Prepares the prompts and starts their generations; returns once each has its first step.
+        `served`: the resolved model (resolved here, with no key scope, when not given)."""
+        served = served if served is not None else self.models.resolve(request.model)
         received = time.perf_counter()
         plan = plan_tools(request.chat.tools) if request.chat is not None else NO_TOOLS
         if request.chat is not None:
@@ -305,7 +323,7 @@ class Pipeline:
         if len(engine_jobs) > 1:
             engine_jobs = [(p, o, f"{rid}-{i}") for i, (p, o, rid) in enumerate(engine_jobs)]
         try:
-            steps = await cancel_on_disconnect(http, start_all(self.runner, engine_jobs, received))
+            steps = await cancel_on_disconnect(http, start_all(self.runner, engine_jobs, received, served))
         except BadRequestError as error:
             # The engine refuses a schema it cannot compile without saying which field it came from.
             options = engine_jobs[0][1]

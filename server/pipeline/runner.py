@@ -20,6 +20,7 @@ from typing import TypeVar
 
 from server.engine.interface import EngineClient, EnginePrompt, EngineStep, PreparedPrompt, SamplingOptions
 from server.metrics import Metrics
+from server.pipeline.models import ServedModel
 
 T = TypeVar("T")
 _Generation = AsyncGenerator[EngineStep, None]
@@ -76,10 +77,11 @@ class EngineRunner:
         return prepared
 
     async def start(
-        self, prepared: PreparedPrompt, options: SamplingOptions, request_id: str, received: float
+        self, prepared: PreparedPrompt, options: SamplingOptions, request_id: str, received: float, served: ServedModel
     ) -> Steps:
-        """Starts a generation and returns its steps once the first one has arrived."""
-        steps = self._generate(prepared, options, request_id, received)
+        """Starts a generation on `served` (the base model or an adapter) and returns its steps once
+        the first one has arrived."""
+        steps = self._generate(prepared, options, request_id, received, served)
         try:
             first = await anext(steps)
         except StopAsyncIteration:
@@ -90,26 +92,33 @@ class EngineRunner:
         return Steps(first, steps)
 
     async def _generate(
-        self, prepared: PreparedPrompt, options: SamplingOptions, request_id: str, received: float
+        self, prepared: PreparedPrompt, options: SamplingOptions, request_id: str, received: float, served: ServedModel
     ) -> _Generation:
         metrics = self.metrics
         metrics.in_flight.inc()
         completion_tokens = 0
         finished = False
-        generation = self.engine.generate(prepared, options, request_id)
+        adapter = served.adapter
+        if adapter is not None:
+            adapter.began()  # an unload waits for this generation to end
+        generation = self.engine.generate(prepared, options, request_id, adapter)
         try:
             async for step in generation:
                 for choice in step.choices:
                     if not completion_tokens and choice.token_ids:
-                        metrics.time_to_first_token.observe(time.perf_counter() - received)
+                        metrics.time_to_first_token.labels(served.name).observe(time.perf_counter() - received)
                     completion_tokens += len(choice.token_ids)
                 yield step
             finished = True
         finally:
             metrics.in_flight.dec()
+            if adapter is not None:
+                adapter.ended()
+            metrics.generations.labels(served.name, "finished" if finished else "ended_early").inc()
+            metrics.generation_seconds.labels(served.name).observe(time.perf_counter() - received)
             if finished:
-                metrics.prompt_tokens.inc(len(prepared.token_ids))
-                metrics.completion_tokens.inc(completion_tokens)
+                metrics.prompt_tokens.labels(served.name).inc(len(prepared.token_ids))
+                metrics.completion_tokens.labels(served.name).inc(completion_tokens)
             else:
                 metrics.aborted.labels("stream_ended_early" if options.stream else "request_ended_early").inc()
             # Closing the engine's generator now (not when it is garbage collected) aborts the request.
@@ -119,11 +128,11 @@ class EngineRunner:
 
 
 async def start_all(
-    runner: EngineRunner, jobs: list[tuple[PreparedPrompt, SamplingOptions, str]], received: float
+    runner: EngineRunner, jobs: list[tuple[PreparedPrompt, SamplingOptions, str]], received: float, served: ServedModel
 ) -> list[Steps]:
     """Starts several generations (a batch of prompts); if one fails to start, none is left running."""
     results = await asyncio.gather(
-        *(runner.start(prepared, options, request_id, received) for prepared, options, request_id in jobs),
+        *(runner.start(prepared, options, request_id, received, served) for prepared, options, request_id in jobs),
         return_exceptions=True,
     )
     failure = next((r for r in results if isinstance(r, BaseException)), None)

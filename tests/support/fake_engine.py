@@ -25,7 +25,7 @@ from fastapi import FastAPI
 
 from server.app import create_app
 from server.engine.interface import ChoiceDelta, EnginePrompt, EngineStep, PreparedPrompt, SamplingOptions, TokenLogprob
-from server.errors import EngineError, ServiceUnavailableError
+from server.errors import BadRequestError, EngineError, ServiceUnavailableError
 from server.settings import Settings
 
 Reply = Callable[[str, SamplingOptions], str]
@@ -51,6 +51,9 @@ class ScriptedEngine:
         self.seen: list[SamplingOptions] = []
         self.prompts: list[str] = []
         self.token_seconds = 0.0  # streamed tokens are this far apart (for tests that act mid-stream)
+        self.adapters: dict[int, str] = {}  # LoRA adapters loaded: engine id -> name
+        self.adapter_used: list[str | None] = []  # per generation, the adapter's name (None: the base)
+        self.refuse_adapters = False  # add_adapter fails like vLLM's worker refusing one
 
     @property
     def tokenizer(self) -> Any:
@@ -71,9 +74,10 @@ class ScriptedEngine:
         return PreparedPrompt(token_ids=list(prompt.token_ids), num_image_tokens=0, engine_input=None)
 
     async def generate(
-        self, prompt: PreparedPrompt, options: SamplingOptions, request_id: str
+        self, prompt: PreparedPrompt, options: SamplingOptions, request_id: str, adapter: Any = None
     ) -> AsyncIterator[EngineStep]:
         self.seen.append(options)
+        self.adapter_used.append(adapter.name if adapter is not None else None)
         prompt_text = self._tokenizer.decode(prompt.token_ids)
         self.prompts.append(prompt_text)
         text = self.reply(prompt_text, options)
@@ -112,6 +116,14 @@ class ScriptedEngine:
         if options.logprobs is None:
             return None
         return [TokenLogprob(i, t, -0.5, [(i, t, -0.5), (0, "<pad>", -3.0)]) for i, t in zip(ids, texts, strict=True)]
+
+    async def add_adapter(self, adapter: Any) -> None:
+        if self.refuse_adapters:
+            raise BadRequestError(f"the engine could not load adapter '{adapter.name}': bad shapes", param="lora_path")
+        self.adapters[adapter.lora_id] = adapter.name
+
+    async def remove_adapter(self, adapter: Any) -> None:
+        self.adapters.pop(adapter.lora_id, None)
 
     async def abort(self, request_id: str) -> None:
         pass
@@ -180,7 +192,7 @@ class PacedEngine:
         )
 
     async def generate(
-        self, prompt: PreparedPrompt, options: SamplingOptions, request_id: str
+        self, prompt: PreparedPrompt, options: SamplingOptions, request_id: str, adapter: Any = None
     ) -> AsyncIterator[EngineStep]:
         self.started += 1
         self.generating += 1

@@ -12,7 +12,10 @@ from server.engine.interface import ChoiceDelta, EngineStep, PreparedPrompt, Sam
 from server.errors import BadRequestError, ClientClosedRequestError
 from server.metrics import Metrics
 from server.pipeline.disconnect import cancel_on_disconnect
+from server.pipeline.models import ServedModel
 from server.pipeline.runner import EngineRunner, merge, start_all
+
+BASE = ServedModel("fake-gemma")
 
 
 class ScriptedEngine:
@@ -24,7 +27,7 @@ class ScriptedEngine:
         self.closed: list[str] = []
 
     async def generate(
-        self, prompt: PreparedPrompt, options: SamplingOptions, request_id: str
+        self, prompt: PreparedPrompt, options: SamplingOptions, request_id: str, adapter: Any = None
     ) -> AsyncIterator[EngineStep]:
         try:
             if request_id.startswith("bad"):
@@ -46,12 +49,12 @@ def _runner(engine: Any) -> EngineRunner:
 async def test_start_raises_request_errors_before_any_output() -> None:
     engine = ScriptedEngine()
     with pytest.raises(BadRequestError):
-        await _runner(engine).start(PROMPT, SamplingOptions(max_tokens=3), "bad-1", 0.0)
+        await _runner(engine).start(PROMPT, SamplingOptions(max_tokens=3), "bad-1", 0.0, BASE)
     assert engine.closed == ["bad-1"]
 
 
 async def test_start_returns_every_step_including_the_first() -> None:
-    steps = await _runner(ScriptedEngine()).start(PROMPT, SamplingOptions(max_tokens=3), "r", 0.0)
+    steps = await _runner(ScriptedEngine()).start(PROMPT, SamplingOptions(max_tokens=3), "r", 0.0, BASE)
     assert [step.choices[0].text async for step in steps] == ["r:0", "r:1", "r:2"]
 
 
@@ -60,14 +63,14 @@ async def test_start_all_leaves_nothing_running_when_one_fails() -> None:
     runner = _runner(engine)
     options = SamplingOptions(max_tokens=3)
     with pytest.raises(BadRequestError):
-        await start_all(runner, [(PROMPT, options, "ok-1"), (PROMPT, options, "bad-2")], 0.0)
+        await start_all(runner, [(PROMPT, options, "ok-1"), (PROMPT, options, "bad-2")], 0.0, BASE)
     assert sorted(engine.closed) == ["bad-2", "ok-1"]
 
 
 async def test_merge_interleaves_and_tags_items() -> None:
     runner = _runner(ScriptedEngine(delay=0.001))
     options = SamplingOptions(max_tokens=3)
-    started = await start_all(runner, [(PROMPT, options, "a"), (PROMPT, options, "b")], 0.0)
+    started = await start_all(runner, [(PROMPT, options, "a"), (PROMPT, options, "b")], 0.0, BASE)
     seen = [(index, step.choices[0].text) async for index, step in merge(started)]
     assert sorted(seen) == [(0, "a:0"), (0, "a:1"), (0, "a:2"), (1, "b:0"), (1, "b:1"), (1, "b:2")]
     assert [text for index, text in seen if index == 0] == ["a:0", "a:1", "a:2"]
@@ -84,7 +87,7 @@ async def test_disconnect_cancels_the_work() -> None:
     runner = _runner(engine)
 
     async def consume() -> None:
-        steps = await runner.start(PROMPT, SamplingOptions(max_tokens=1000), "slow", 0.0)
+        steps = await runner.start(PROMPT, SamplingOptions(max_tokens=1000), "slow", 0.0, BASE)
         async for _ in steps:
             pass
 

@@ -44,10 +44,10 @@ async def messages(body: MessagesRequest, request: Request, pipeline: ReadyPipel
 @router.post(
     "/v1/messages/count_tokens", response_model=CountTokensResponse, responses=ERROR_RESPONSES, tags=["anthropic"]
 )
-async def count_tokens(body: CountTokensRequest, pipeline: ReadyPipeline) -> Response:
+async def count_tokens(body: CountTokensRequest, request: Request, pipeline: ReadyPipeline) -> Response:
     """The prompt's input tokens, images included, as a request would report them; nothing is generated."""
     check_fields(body)
-    pipeline.check_model(body.model)
+    pipeline.resolve_model(body.model, request)
     chat = chat_input(body)
     prompt = await pipeline.prepare_chat(chat, plan_tools(chat.tools))
     body_bytes = b'{"input_tokens":%d}' % len(prompt.token_ids)

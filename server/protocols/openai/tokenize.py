@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
+from starlette.requests import Request
 from starlette.responses import Response
 
 from server.errors import BadRequestError
@@ -25,9 +26,9 @@ from server.protocols.openai.validation import check_request_fields
 from server.protocols.openai.wire import DetokenizeRequest, TokenizeRequest
 
 
-async def tokenize(body: TokenizeRequest, pipeline: Pipeline) -> Response:
+async def tokenize(body: TokenizeRequest, pipeline: Pipeline, http: Request) -> Response:
     check_request_fields(body)
-    pipeline.check_model(body.model)
+    pipeline.resolve_model(body.model, http)  # an adapter shares the base model's tokenizer
     headers: dict[str, str] = {}
     image_tokens = 0
     if body.messages is None:
@@ -55,8 +56,8 @@ async def tokenize(body: TokenizeRequest, pipeline: Pipeline) -> Response:
     return Response(orjson.dumps(answer), media_type="application/json", headers=headers)
 
 
-async def detokenize(body: DetokenizeRequest, pipeline: Pipeline) -> Response:
+async def detokenize(body: DetokenizeRequest, pipeline: Pipeline, http: Request) -> Response:
     check_request_fields(body)
-    pipeline.check_model(body.model)
+    pipeline.resolve_model(body.model, http)
     text = pipeline.detokenize(body.tokens, "tokens")
     return Response(orjson.dumps({"prompt": text}), media_type="application/json")

@@ -500,6 +500,8 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str
+    root: str | None = Field(None, description="The checkpoint, or the adapter's path (vLLM's field).")
+    parent: str | None = Field(None, description="For a LoRA adapter, the base model it runs on.")
     max_model_len: int
 
 

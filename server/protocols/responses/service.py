@@ -31,6 +31,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from server.errors import APIError, BadRequestError, NotFoundError, ServiceUnavailableError
+from server.pipeline.models import ServedModel
 from server.pipeline.pipeline import SSE_HEADERS, Pipeline, estimate_prompt_tokens
 from server.pipeline.request import ChatInput, Function, GenerationRequest, Output, Sampling, Tools, Turn
 from server.protocols.responses.encoder import ResponsesEncoder, replay
@@ -138,7 +139,7 @@ class ResponsesService:
         check_unknown_fields(
             body, ignored=IGNORED_RESPONSES_FIELDS, refused=REFUSED_RESPONSES_FIELDS, protocol="Responses"
         )
-        pipeline.check_model(body.model)
+        served = pipeline.resolve_model(body.model, http)
         if body.store:
             await self.store()  # a store that cannot open fails the request now, before it generates
         history: list[dict[str, Any]] = []
@@ -168,7 +169,7 @@ class ResponsesService:
             truncate_oldest=body.truncation == "auto",
         )
         created_at = time.time()
-        skeleton = _skeleton(body, response_id, created_at, pipeline.model_name, tools, skipped)
+        skeleton = _skeleton(body, response_id, created_at, served.name, tools, skipped)
         input_items = with_ids(raw_input)
 
         async def on_finished(final: dict[str, Any], output: list[dict[str, Any]]) -> None:
@@ -186,13 +187,16 @@ class ResponsesService:
             await store.put(record)
 
         if body.background:
-            return await self._start_background(pipeline, request, skeleton, on_finished, caller, body, input_items)
-        return await pipeline.respond(request, http, ResponsesEncoder(skeleton, on_finished))
+            return await self._start_background(
+                pipeline, request, served, skeleton, on_finished, caller, body, input_items
+            )
+        return await pipeline.respond(request, http, ResponsesEncoder(skeleton, on_finished), served)
 
     async def _start_background(
         self,
         pipeline: Pipeline,
         request: GenerationRequest,
+        served: ServedModel,
         skeleton: dict[str, Any],
         on_finished: Callable[[dict[str, Any], list[dict[str, Any]]], Awaitable[None]],
         caller: str,
@@ -215,7 +219,7 @@ class ResponsesService:
                 current.response = {**current.response, "status": "in_progress"}
                 await store.put(current)
 
-        task = asyncio.create_task(self._run_background(pipeline, request, encoder, events, started))
+        task = asyncio.create_task(self._run_background(pipeline, request, served, encoder, events, started))
         self._background[request.request_id] = (task, events)
         if body.stream:
             return StreamingResponse(events.follow(None), media_type="text/event-stream", headers=SSE_HEADERS)
@@ -225,13 +229,14 @@ class ResponsesService:
         self,
         pipeline: Pipeline,
         request: GenerationRequest,
+        served: ServedModel,
         encoder: ResponsesEncoder,
         events: _EventLog,
         started: Callable[[], Awaitable[None]],
     ) -> None:
         try:
             async with pipeline.admission.slot(estimate_prompt_tokens(request), None):
-                run = await pipeline.start(request)
+                run = await pipeline.start(request, served=served)
                 await started()  # queued -> in_progress in the store, for pollers on any process
                 async for _chunk in pipeline.stream(run, encoder):
                     pass  # the encoder records every chunk in the log
