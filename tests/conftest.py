@@ -45,6 +45,15 @@ def tiny_model_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_adapters(tiny_model_dir: Path) -> dict[str, Path]:
+    """The two tiny LoRA adapters of the tiny checkpoint (name -> folder), built once per machine."""
+    from server.tiny_adapter import ensure_tiny_adapters
+    from tests.support.oracle_cases import LORA_ADAPTERS
+
+    return ensure_tiny_adapters(LORA_ADAPTERS, base_dir=tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
 def image_host() -> Iterator[ImageHost]:
     host = ImageHost().start()
     yield host

@@ -21,6 +21,7 @@ stalls.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -34,14 +35,23 @@ from typing import Any
 
 import pytest
 
+from server.tiny_adapter import tiny_adapter_dir
 from tests.support.image_host import ImageHost
 from tests.support.live_server import ROOT, SERVED_MODEL, LiveServer
+from tests.support.oracle_cases import LORA_ADAPTERS, LORA_MAX_RANK
 from tests.support.postgres import PostgresServer, running_postgres
 from tests.support.vllm_peer import VllmPeer
 
 # Settings of the shared live server that differ from config/tiny.yaml, also given to the offline
-# oracle so both build prompts alike: detail high/auto run Gemma 3's pan-and-scan.
-LIVE_SERVER_SETTINGS_ENV = {"GEMMA_SERVER_IMAGES__PAN_AND_SCAN": "true"}
+# oracle so both build prompts alike: detail high/auto run Gemma 3's pan-and-scan; the two tiny LoRA
+# adapters are served (the engine runs with LoRA on, as a deployment with adapters does).
+LORA_ADAPTERS_SETTING = json.dumps([{"name": name, "path": str(tiny_adapter_dir(name))} for name in LORA_ADAPTERS])
+LIVE_SERVER_SETTINGS_ENV = {
+    "GEMMA_SERVER_IMAGES__PAN_AND_SCAN": "true",
+    "GEMMA_SERVER_LORA__ADAPTERS": LORA_ADAPTERS_SETTING,
+    "GEMMA_SERVER_LORA__MAX_LORAS": str(len(LORA_ADAPTERS)),
+    "GEMMA_SERVER_LORA__MAX_LORA_RANK": str(LORA_MAX_RANK),
+}
 
 
 _AFTER_LAST_USE: dict[str, list[Callable[[], object]]] = {}
@@ -64,7 +74,7 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
 
 @pytest.fixture(scope="session")
 def offline_oracle_process(
-    tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+    tiny_model_dir: Path, tiny_adapters: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[subprocess.Popen[bytes], Path, Path]]:
     """vLLM's offline LLM.chat on the oracle cases, started early so it overlaps the server's start."""
     folder = tmp_path_factory.mktemp("oracle")
@@ -102,10 +112,14 @@ def _selected(request: pytest.FixtureRequest, fixture: str) -> bool:
 
 
 @pytest.fixture(scope="session")
-def vllm_peer_process(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmPeer]:
-    """vLLM's own OpenAI server on the tiny model, started early so it overlaps the server's start."""
+def vllm_peer_process(
+    tiny_model_dir: Path, tiny_adapters: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[VllmPeer]:
+    """vLLM's own OpenAI server on the tiny model (and its adapters: `--lora-modules`), started early
+    so it overlaps the server's start."""
     live_process_starting()
-    peer = VllmPeer(tiny_model_dir, SERVED_MODEL, tmp_path_factory.mktemp("vllm-peer") / "peer.log").start()
+    log_path = tmp_path_factory.mktemp("vllm-peer") / "peer.log"
+    peer = VllmPeer(tiny_model_dir, SERVED_MODEL, log_path, lora=(tiny_adapters, LORA_MAX_RANK)).start()
     after_last_use("vllm_peer", peer.stop)
     yield peer
     peer.stop()
@@ -123,6 +137,7 @@ def vllm_peer(vllm_peer_process: VllmPeer) -> str:
 def live_server(
     request: pytest.FixtureRequest,
     tiny_model_dir: Path,
+    tiny_adapters: dict[str, Path],
     image_host: ImageHost,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[LiveServer]:
@@ -168,8 +183,14 @@ FAULT_ORIGIN = "https://app.example"
 FAULT_CAPACITY = {"max_in_flight": 10, "max_waiting": 6}
 FAULT_DRAIN_SECONDS = 20
 FAULT_MAX_MODEL_LEN = 131072  # Gemma 3's full context: "long" requests last over ten minutes
-# The engine-death server runs two API processes: engine death is the supervisor's hardest case.
-SACRIFICIAL_SERVER_ENV = {"engine_death": {"GEMMA_SERVER_SERVER__API_PROCESSES": "2"}}
+# Scoped keys of the drain server (tests/slow/test_lora_runtime.py): one for adapter a only, one admin.
+LORA_SCOPED_KEY = "sk-lora-a-only-0123456789"
+LORA_ADMIN_KEY = "sk-lora-admin-0123456789"
+# The engine-death server runs two API processes: engine death is the supervisor's hardest case
+# (and runtime adapter loading needs one API process).
+SACRIFICIAL_SERVER_ENV = {
+    "engine_death": {"GEMMA_SERVER_SERVER__API_PROCESSES": "2", "GEMMA_SERVER_LORA__RUNTIME_LOADING": "false"}
+}
 
 
 class SacrificialServers:
@@ -206,6 +227,15 @@ class SacrificialServers:
             # One PostgreSQL for both: the engine-death server starts after the drain server has
             # stopped, so it is that server restarted (and two replicas of it) for stored responses.
             "GEMMA_SERVER_RESPONSES__URL": responses_url,
+            # The tiny adapters, runtime loading and keys scoped to names.
+            **{k: v for k, v in LIVE_SERVER_SETTINGS_ENV.items() if k.startswith("GEMMA_SERVER_LORA__")},
+            "GEMMA_SERVER_LORA__RUNTIME_LOADING": "true",
+            "GEMMA_SERVER_AUTH__KEYS": json.dumps(
+                [
+                    {"sha256": hashlib.sha256(LORA_SCOPED_KEY.encode()).hexdigest(), "models": ["tiny-lora-a"]},
+                    {"sha256": hashlib.sha256(LORA_ADMIN_KEY.encode()).hexdigest(), "admin": True},
+                ]
+            ),
         }
         self.servers: dict[str, LiveServer] = {}
         self._launchers: dict[str, threading.Thread] = {}
@@ -249,6 +279,7 @@ def sacrificial_postgres() -> Iterator[PostgresServer]:
 @pytest.fixture(scope="session")
 def sacrificial(
     request: pytest.FixtureRequest,
+    tiny_adapters: dict[str, Path],
     tmp_path_factory: pytest.TempPathFactory,
     image_host: ImageHost,
     sacrificial_postgres: PostgresServer,

@@ -6,11 +6,23 @@ some of them by http URL.
 
 from __future__ import annotations
 
+from server.tiny_adapter import DEFAULT_ADAPTERS
 from tests.support.images import data_uri, encode, make_image
 
 RED_PNG = data_uri(encode(make_image(320, 240, (200, 40, 40)), "PNG"))
 BLUE_JPEG = data_uri(encode(make_image(640, 480, (30, 90, 200)), "JPEG", quality=90), "image/jpeg")
 WIDE_PNG = data_uri(encode(make_image(900, 200, (10, 160, 60)), "PNG"))
+
+
+# The tiny LoRA adapters (server/tiny_adapter.py, by name and seed) the live server, vLLM's server and
+# the oracle all serve, and the cases each adapter answers (engine ids in this order: 1, 2).
+LORA_ADAPTERS = DEFAULT_ADAPTERS
+LORA_CASES = ("text", "system", "image")
+LORA_MAX_RANK = 8
+
+
+def lora_case_name(case: str, adapter: str) -> str:
+    return f"{case}@{adapter}"
 
 
 def _image(url: str) -> dict:

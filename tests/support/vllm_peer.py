@@ -25,7 +25,10 @@ PEER_STARTUP_TIMEOUT_SECONDS = 900
 
 
 class VllmPeer:
-    def __init__(self, model_dir: Path, served_name: str, log_path: Path) -> None:
+    def __init__(
+        self, model_dir: Path, served_name: str, log_path: Path, lora: tuple[dict[str, Path], int] | None = None
+    ) -> None:
+        """`lora`: adapters (name -> folder) served with `--lora-modules`, and the largest rank."""
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -55,6 +58,10 @@ class VllmPeer:
             "--port",
             str(self.port),
         ]
+        if lora is not None:
+            adapters, max_rank = lora
+            self.command += ["--enable-lora", "--max-loras", str(len(adapters)), "--max-lora-rank", str(max_rank)]
+            self.command += ["--lora-modules", *(f"{name}={path}" for name, path in adapters.items())]
         self.process: subprocess.Popen[bytes] | None = None
         self.started_at = 0.0
         self.ready_after = 0.0
