@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
 
 import httpx
 import openai.types
@@ -21,16 +20,8 @@ import pytest
 from tests.support.differential_cases import CASES, Case
 from tests.support.live_server import SERVED_MODEL
 from tests.support.sse import Outcome, call
-from tests.support.vllm_peer import VllmPeer
 
 LOGPROB_TOLERANCE = 1e-3
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _stop_vllm_after_this_module(vllm_peer_process: VllmPeer) -> Iterator[None]:
-    """vLLM's server is only needed here: free its memory for the rest of the session."""
-    yield
-    vllm_peer_process.stop()
 
 
 def _body(case_body: dict) -> dict:

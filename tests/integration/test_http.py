@@ -9,6 +9,7 @@ import time
 import httpx
 
 from tests.support.live_server import SERVED_MODEL
+from tests.support.oracle_cases import LORA_ADAPTERS
 from tests.support.probes import metric
 
 
@@ -21,7 +22,7 @@ def test_health_and_ready(base_url: str) -> None:
 
 def test_models_list_and_card(base_url: str, openai_client) -> None:  # type: ignore[no-untyped-def]
     models = openai_client.models.list()
-    assert [m.id for m in models.data] == [SERVED_MODEL]
+    assert [m.id for m in models.data] == [SERVED_MODEL, *LORA_ADAPTERS]  # the live server's adapters
     card = httpx.get(f"{base_url}/v1/models/{SERVED_MODEL}").json()
     assert card["id"] == SERVED_MODEL and card["object"] == "model"
     missing = httpx.get(f"{base_url}/v1/models/nope")

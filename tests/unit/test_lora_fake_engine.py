@@ -2,7 +2,7 @@
 what each key sees, the admin endpoints and the checks an adapter passes before the engine sees it.
 
 The real engine's side (outputs per adapter equal vLLM's, load/unload under traffic) is in
-tests/integration/test_lora.py and tests/slow/test_lora_runtime.py.
+tests/integration/test_adapters.py and tests/slow/test_lora_runtime.py.
 """
 
 from __future__ import annotations
