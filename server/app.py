@@ -178,8 +178,7 @@ def create_app(
     app.include_router(openai_routes.router)
     app.include_router(anthropic_routes.router)
     app.include_router(responses_routes.router)
-    if settings.lora.runtime_loading:
-        app.include_router(adapter_routes.router)
+    app.include_router(adapter_routes.router)
     return app
 
 

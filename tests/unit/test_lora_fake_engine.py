@@ -220,7 +220,9 @@ async def test_unloading_lets_running_generations_finish_and_then_the_name_is_40
     assert again.status_code == 404
 
 
-async def test_without_runtime_loading_the_admin_routes_do_not_exist(tmp_path: Path, tokenizer: Any) -> None:
+async def test_without_runtime_loading_the_admin_routes_are_404_even_to_an_admin(
+    tmp_path: Path, tokenizer: Any
+) -> None:
     engine = ScriptedEngine(tokenizer, Scripted())
 
     async def start() -> None:

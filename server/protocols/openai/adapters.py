@@ -2,8 +2,8 @@
 
 vLLM's endpoint names and bodies (`{"lora_name", "lora_path"}`), so tools written for vLLM's server
 (the production-stack's LoRA controller, KServe) work unchanged. Only with `lora.runtime_loading`
-(the routes do not exist otherwise: 404) and only for admin keys (`auth.keys[].admin`); any other
-key gets 403.
+(404 otherwise, as from vLLM's server without it; the routes stay in the OpenAPI document) and only
+for admin keys (`auth.keys[].admin`); any other key gets 403.
 
 Loading checks the adapter first (`server/pipeline/adapter_check.py`), then has the engine load it,
 and only then serves its name: a bad adapter is a 400 and disturbs nothing already served.
@@ -48,9 +48,11 @@ class UnloadLoraAdapterRequest(BaseModel):
 
 def _for_admin(request: Request) -> tuple[Settings, Pipeline]:
     """The settings and the ready pipeline, for an admin key only (403 for any other)."""
+    state = request.app.state.gemma
+    if not state.settings.lora.runtime_loading:
+        raise NotFoundError("runtime adapter loading is off on this server (lora.runtime_loading)")
     if not grant_of(request.scope).admin:
         raise PermissionDeniedError("loading and unloading adapters needs an admin key")
-    state = request.app.state.gemma
     return state.settings, state.require_ready()
 
 
