@@ -33,11 +33,17 @@ IMAGE_TOKEN_ID = 262144
 BOI_TOKEN_ID = 255999
 EOI_TOKEN_ID = 256000
 TEXT_VOCAB_SIZE = 262208  # Gemma 3's embedding table (the tokenizer's 262,145 ids, padded).
-IMAGE_SIZE = 64
-PATCH_SIZE = 16
-TOKENS_PER_IMAGE = 4  # (64 / 16)^2 = 16 patches, average-pooled 2x2 into 4 soft tokens.
-# The file that marks a finished build; written last so an interrupted build is rebuilt.
+# gemma-3-4b-it's image geometry, so the image path (preprocessing, pan-and-scan crops, encoder
+# inputs, prompt lengths) is the one the real model runs: 896-pixel crops in 14-pixel patches,
+# (896 / 14)^2 = 4096 patches average-pooled 4x4 into 256 soft tokens per crop. Only the widths are tiny.
+IMAGE_SIZE = 896
+PATCH_SIZE = 14
+TOKENS_PER_IMAGE = 256
+# The file that marks a finished build; written last so an interrupted build is rebuilt. It holds
+# BUILD_STAMP: a checkpoint built by an older version of this module (another geometry) is rebuilt.
 COMPLETE_MARKER = ".tiny-gemma3-complete"
+BUILD_VERSION = 2  # 1: 64-pixel images, 4 tokens each; 2: gemma-3-4b-it's geometry
+BUILD_STAMP = f"seed={SEED}\nversion={BUILD_VERSION}\n"
 
 CHAT_TEMPLATE_FILE = Path(__file__).with_name("gemma3_chat_template.jinja")
 
@@ -70,7 +76,7 @@ def text_config() -> dict[str, Any]:
 
 
 def vision_config() -> dict[str, Any]:
-    """The vision tower: SigLIP with one layer on 64-pixel images in 16-pixel patches."""
+    """The vision tower: SigLIP with one narrow layer on gemma-3-4b-it's 896-pixel crops in 14-pixel patches."""
     return {
         "model_type": "siglip_vision_model",
         "hidden_size": 32,
@@ -116,7 +122,9 @@ def generation_config() -> dict[str, Any]:
 
 
 def preprocessor_config() -> dict[str, Any]:
-    """Gemma3ImageProcessor settings of gemma-3-4b-it, with the tiny image size."""
+    """gemma-3-4b-it's preprocessor_config.json as published: its pan-and-scan settings are null there
+    too (the processor's defaults apply: at most 4 crops of at least 256 pixels, for images whose
+    sides differ by more than 1.2x), and the server turns pan-and-scan on per request."""
     return {
         "image_processor_type": "Gemma3ImageProcessor",
         "processor_class": "Gemma3Processor",
@@ -156,7 +164,7 @@ def build_tiny_model(out_dir: str | Path, *, force: bool = False) -> Path:
         )
         shutil.copyfile(CHAT_TEMPLATE_FILE, staging / "chat_template.jinja")
         _write_weights(staging)
-        publish_build(staging, out, COMPLETE_MARKER, f"seed={SEED}\n")
+        publish_build(staging, out, COMPLETE_MARKER, BUILD_STAMP)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
@@ -175,7 +183,9 @@ def publish_build(staging: Path, out: Path, marker: str, stamp: str) -> None:
 
 
 def is_complete(path: str | Path) -> bool:
-    return (Path(path) / COMPLETE_MARKER).is_file()
+    """A finished build of this version (an older one, or one cut short, is built again)."""
+    marker = Path(path) / COMPLETE_MARKER
+    return marker.is_file() and marker.read_text() == BUILD_STAMP
 
 
 def _make_world_readable(folder: Path) -> None:
