@@ -22,6 +22,9 @@ class EnginePrompt:
 
     token_ids: list[int]
     images: list[Image] = field(default_factory=list)
+    # One per image: what identifies its content to the engine's caches (a digest of the encoded
+    # bytes); without them the engine hashes the decoded pixels.
+    image_ids: list[str] | None = None
     # Per-image processor options (Gemma 3: do_pan_and_scan, pan_and_scan_max_num_crops).
     mm_processor_kwargs: dict[str, Any] | None = None
 

@@ -228,6 +228,8 @@ class VllmEngine:
         tokens_prompt = TokensPrompt(prompt_token_ids=prompt.token_ids)
         if prompt.images:
             tokens_prompt["multi_modal_data"] = {"image": list(prompt.images)}
+            if prompt.image_ids is not None:
+                tokens_prompt["multi_modal_uuids"] = {"image": list(prompt.image_ids)}
             if prompt.mm_processor_kwargs:
                 tokens_prompt["mm_processor_kwargs"] = dict(prompt.mm_processor_kwargs)
         try:

@@ -30,13 +30,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from PIL.Image import Image as PILImage
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from server.engine.interface import EngineClient, EnginePrompt, PreparedPrompt, SamplingOptions, TokenLogprob
 from server.errors import APIError, BadRequestError, ContextLengthExceededError
-from server.media.images import ImageLoader
+from server.media.images import ImageLoader, LoadedImage
 from server.metrics import Metrics
 from server.pipeline.admission import Admission
 from server.pipeline.disconnect import cancel_on_disconnect
@@ -377,9 +376,13 @@ class Pipeline:
             self.engine.tokenizer, conversation, add_generation_prompt=chat.add_generation_prompt
         )
         options = self._processor_options(conversation.images)
-        prepared = await self.runner.prepare(
-            EnginePrompt(token_ids=token_ids, images=images, mm_processor_kwargs=options), started=started
+        engine_prompt = EnginePrompt(
+            token_ids=token_ids,
+            images=[image.pixels for image in images],
+            image_ids=[image.content_id for image in images],
+            mm_processor_kwargs=options,
         )
+        prepared = await self.runner.prepare(engine_prompt, started=started)
         return Prompt(prepared, chat.param, conversation.changes)
 
     async def _fitting_chat(self, request: GenerationRequest, chat: ChatInput, plan: ToolPlan) -> Prompt:
@@ -436,7 +439,7 @@ class Pipeline:
         check_token_ids(token_ids, self.runner.vocab_size, param)
         return str(self.engine.tokenizer.decode(token_ids))
 
-    async def _load_images(self, refs: list[Image]) -> list[PILImage]:
+    async def _load_images(self, refs: list[Image]) -> list[LoadedImage]:
         self.metrics.images_per_request.observe(len(refs))
         if not refs:
             return []

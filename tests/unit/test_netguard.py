@@ -214,9 +214,9 @@ async def test_allow_listed_host_serves_and_redirects_within_itself(image_host: 
     url = image_host.add("netguard.png", encode(make_image(30, 20), "PNG"))
     loader = _loader(image_host)
     try:
-        assert (await loader.load(url, "p")).size == (30, 20)
+        assert (await loader.load(url, "p")).pixels.size == (30, 20)
         redirected = f"{image_host.base_url}/redirect?to=/img/netguard.png"
-        assert (await loader.load(redirected, "p")).size == (30, 20)
+        assert (await loader.load(redirected, "p")).pixels.size == (30, 20)
     finally:
         await loader.aclose()
 
@@ -292,6 +292,8 @@ async def test_decoding_runs_off_the_event_loop_and_is_bounded(
         images = await asyncio.gather(*(loader.load(source, "p") for source in sources))
     finally:
         await loader.aclose()
-    assert all(image.size == (1500, 1000) for image in images)
+    assert all(image.pixels.size == (1500, 1000) for image in images)
+    # The same bytes by URL or data URI: one content id, the engine's cache key for the picture.
+    assert len({image.content_id for image in images}) == 1
     assert threads and loop_thread not in threads
     assert most <= 2
