@@ -350,6 +350,9 @@ class VllmEngine:
                 include_stop_str_in_output=options.include_stop_str_in_output,
                 structured_outputs=structured,
                 output_kind=RequestOutputKind.DELTA if options.stream else RequestOutputKind.FINAL_ONLY,
+                # vLLM sends a delta every `stream_interval` tokens (the first at once); the
+                # protocols' streams take deltas of any length, so every protocol coalesces alike.
+                stream_interval=self.settings.server.stream_interval if options.stream else None,
             )
         except (ValueError, TypeError, VLLMClientError) as exc:
             raise _bad_request(exc) from exc

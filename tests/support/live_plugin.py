@@ -187,9 +187,14 @@ FAULT_MAX_MODEL_LEN = 131072  # Gemma 3's full context: "long" requests last ove
 LORA_SCOPED_KEY = "sk-lora-a-only-0123456789"
 LORA_ADMIN_KEY = "sk-lora-admin-0123456789"
 # The engine-death server runs two API processes: engine death is the supervisor's hardest case
-# (and runtime adapter loading needs one API process).
+# (and runtime adapter loading needs one API process). It also coalesces streamed tokens by four
+# (tests/slow/test_coalescing.py).
 SACRIFICIAL_SERVER_ENV = {
-    "engine_death": {"GEMMA_SERVER_SERVER__API_PROCESSES": "2", "GEMMA_SERVER_LORA__RUNTIME_LOADING": "false"}
+    "engine_death": {
+        "GEMMA_SERVER_SERVER__API_PROCESSES": "2",
+        "GEMMA_SERVER_LORA__RUNTIME_LOADING": "false",
+        "GEMMA_SERVER_SERVER__STREAM_INTERVAL": "4",
+    }
 }
 
 
