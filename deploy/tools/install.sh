@@ -8,7 +8,9 @@
 #   - podman and friends from Debian (apt-get, as root), when they are not on the machine: buildah
 #     builds the images, mmdebstrap makes their Debian base (deploy/tools/base-images.sh), runc and
 #     catatonit run containers and `podman kube play` pods, netavark and aardvark-dns give compose
-#     services their names on a network. They run with CONTAINERS_CONF=
+#     services their names on a network (netavark sets networks up with iptables, which Debian
+#     does not make it depend on: without it every RUN step fails "netavark: No such file or
+#     directory"). They run with CONTAINERS_CONF=
 #     deploy/tools/containers.conf (tests/deploy sets it), which makes podman work in this sandbox.
 # Idempotent; `make deploy-tools` and .ci/run call it.
 set -euo pipefail
@@ -51,7 +53,7 @@ fi
 prometheus --version 2>&1 | head -1
 
 apt_missing=()
-for package in podman buildah skopeo mmdebstrap runc catatonit uidmap slirp4netns fuse-overlayfs netavark aardvark-dns; do
+for package in podman buildah skopeo mmdebstrap runc catatonit uidmap slirp4netns fuse-overlayfs netavark aardvark-dns iptables; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || apt_missing+=("$package")
 done
 if [ ${#apt_missing[@]} -gt 0 ]; then

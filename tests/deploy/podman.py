@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,15 +75,7 @@ def build_image(target: str, tag: str, log: Path, *build_args: str) -> Build:
     Layers are cached in podman's storage (as untagged intermediate images: pruning them empties the
     cache): a second build on one machine redoes only what changed.
     """
-    base_args = subprocess.run(
-        ["bash", str(TOOLS / "base-images.sh")],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=podman_env(),
-        check=False,
-    )
-    assert base_args.returncode == 0, base_args.stderr[-3000:]
+    base_args = tools_script("base-images.sh").split()
     uv_cache = subprocess.run(
         [*_uv(), "cache", "dir"], capture_output=True, text=True, check=True, timeout=60
     ).stdout.strip()
@@ -92,7 +85,7 @@ def build_image(target: str, tag: str, log: Path, *build_args: str) -> Build:
         result = subprocess.run(
             [
                 tool("podman"), "build", "--force-rm", "--format", "docker", "--target", target, "--tag", tag,
-                *base_args.stdout.split(), *build_args,
+                *base_args, *build_args,
                 "--volume", f"{uv_cache}:/uv-cache", "--build-arg", "UV_CACHE_DIR=/uv-cache",
                 "--volume", f"{ca_bundle}:/run/build-ca.crt:ro", "--build-arg", "SSL_CERT_FILE=/run/build-ca.crt",
                 str(ROOT),
@@ -104,6 +97,16 @@ def build_image(target: str, tag: str, log: Path, *build_args: str) -> Build:
     assert result.returncode == 0, f"the image did not build:\n{tail(log)}"
     size = int(podman("image", "inspect", tag, "--format", "{{.Size}}").stdout)
     return Build(seconds, size, log)
+
+
+def tools_script(name: str) -> str:
+    """Runs deploy/tools/NAME (a script that makes a local base or stand-in image) and returns what
+    it printed; fails the test with its error output if it fails."""
+    run = subprocess.run(
+        ["bash", str(TOOLS / name)], capture_output=True, text=True, timeout=900, env=podman_env(), check=False
+    )
+    assert run.returncode == 0, f"deploy/tools/{name} failed:\n{run.stderr[-3000:]}"
+    return run.stdout
 
 
 def _uv() -> list[str]:
@@ -119,6 +122,32 @@ def tail(path: Path, lines: int = 60) -> str:
 def logs(container: str, lines: int = 60) -> str:
     out = podman("logs", "--tail", str(lines), container, check=False)
     return out.stdout + out.stderr
+
+
+KUBE_PLAY_TIMEOUT_SECONDS = 240  # a healthy play of the CPU overlay takes seconds: the image is local
+
+
+def kube_play(manifest: Path, clean: Callable[[], None], prepare: Callable[[], None]) -> None:
+    """`podman kube play MANIFEST`, tried twice: before each try `clean` (which must remove the
+    manifest's pod, containers and volumes) and `prepare` (what must exist before the play); after a
+    failed last try, `clean`. podman 4.3 sometimes leaves a pod's
+    infra (pause) container in `Created` and `kube play` waits on it for ever, or leaves a
+    container in its storage only (`podman ps --external`), whose name the next play cannot take.
+    That is podman's, not the manifests': the leftovers are removed and the play tried once more;
+    a second failure fails the test with what podman said and showed each time."""
+    failures = []
+    for attempt in (1, 2):
+        clean()
+        prepare()
+        try:
+            podman("kube", "play", str(manifest), timeout=KUBE_PLAY_TIMEOUT_SECONDS)
+            return
+        except (subprocess.TimeoutExpired, AssertionError) as exc:
+            shown = podman("pod", "ps", check=False).stdout + podman("ps", "--all", "--external", check=False).stdout
+            failures.append(f"attempt {attempt}: {str(exc)[-1500:]}\n{shown}")
+            print(failures[-1], flush=True)  # in the test's captured output even if the retry passes
+    clean()
+    raise AssertionError("\n".join(failures))
 
 
 def wait_ready(base_url: str, container: str) -> float:

@@ -32,13 +32,15 @@ from tests.deploy.podman import (
     CPU_IMAGE,
     Build,
     build_cpu_image,
+    kube_play,
     logs,
     podman,
     podman_env,
     podman_json,
+    tools_script,
     wait_ready,
 )
-from tests.deploy.support import K8S, ROOT, TOOLS, container, find, render_kustomization, tool
+from tests.deploy.support import K8S, ROOT, container, find, render_kustomization, tool
 from tests.support.images import png_data_uri
 from tests.support.live_server import free_port
 
@@ -261,24 +263,30 @@ def pod(built: Build, running: Running, tmp_path_factory: pytest.TempPathFactory
     volumes = deployment["spec"]["template"]["spec"]["volumes"]
     user = deployment["spec"]["template"]["spec"]["securityContext"]
 
+    # podman names the pod <deployment>-pod-<replica> and its containers <pod>-<container>.
+    pod_name = f"{deployment['metadata']['name']}-pod-0"
+
     def clean() -> None:
         podman("kube", "down", str(manifest), check=False, timeout=120)
+        podman("pod", "rm", "--force", pod_name, check=False, timeout=120)
+        podman("rm", "--force", f"{pod_name}-{spec['name']}", check=False)  # one left in storage only
         podman("secret", "rm", secret["metadata"]["name"], check=False)
         for volume in volumes:
             if "emptyDir" in volume:
                 podman("volume", "rm", "--force", volume["name"], check=False)
 
-    clean()
-    for volume in volumes:
+    def make_volumes() -> None:
         # A kubelet makes each emptyDir new and world-writable (tmpfs for medium Memory); podman 4.3
         # plays it as a named volume that outlives the pod, created on first use like the image's
         # folder at that path (root's, for /dev/shm) and on disk. So they are made here as a kubelet
         # would make them.
         # (Owned by the pod's user: podman's local driver takes no mode or size for a tmpfs.)
-        if volume.get("emptyDir", {}).get("medium") == "Memory":
-            podman("volume", "create", "--opt", "type=tmpfs", "--opt", "device=tmpfs",
-                   "--opt", f"o=uid={user['runAsUser']},gid={user['fsGroup']}", volume["name"])  # fmt: skip
-    podman("kube", "play", str(manifest), timeout=600)
+        for volume in volumes:
+            if volume.get("emptyDir", {}).get("medium") == "Memory":
+                podman("volume", "create", "--opt", "type=tmpfs", "--opt", "device=tmpfs",
+                       "--opt", f"o=uid={user['runAsUser']},gid={user['fsGroup']}", volume["name"])  # fmt: skip
+
+    kube_play(manifest, clean, make_volumes)
     # podman names a Deployment's containers <deployment>-pod-<replica>-<container>.
     names = podman("ps", "--all", "--format", "{{.Names}}").stdout.split()
     prefix, suffix = f"{deployment['metadata']['name']}-pod-", f"-{spec['name']}"
@@ -340,9 +348,7 @@ def stack(built: Build, pod: Pod, tmp_path_factory: pytest.TempPathFactory) -> I
     (deploy/tools/prometheus-image.sh). The project runs from a copy of the files the compose file
     names, so that its secrets.env (the API key) is the test's and not a developer's."""
     pod.stop()  # one server at a time
-    run = subprocess.run(["bash", str(TOOLS / "prometheus-image.sh")], capture_output=True, text=True,
-                         timeout=900, env=podman_env(), check=False)  # fmt: skip
-    assert run.returncode == 0, run.stderr[-3000:]
+    tools_script("prometheus-image.sh")
     folder = tmp_path_factory.mktemp("compose")
     shutil.copy(ROOT / "docker-compose.yml", folder)
     shutil.copytree(ROOT / "deploy" / "observability", folder / "deploy" / "observability")
