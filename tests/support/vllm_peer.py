@@ -19,7 +19,8 @@ from pathlib import Path
 
 import httpx
 
-from tests.support.live_server import ROOT, free_port
+from server.settings import load_settings
+from tests.support.live_server import ROOT, TINY_CONFIG, free_port
 
 PEER_STARTUP_TIMEOUT_SECONDS = 900
 
@@ -32,6 +33,7 @@ class VllmPeer:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
+        engine = load_settings(TINY_CONFIG).engine
         self.command = [
             sys.executable,
             "-m",
@@ -41,13 +43,13 @@ class VllmPeer:
             "--served-model-name",
             served_name,
             "--dtype",
-            "bfloat16",
+            engine.dtype,
             "--max-model-len",
-            "8192",
+            str(engine.max_model_len),
             "--kv-cache-memory-bytes",
-            "536870912",
+            str(engine.kv_cache_memory_bytes),
             "--max-num-seqs",
-            "64",
+            str(engine.max_num_seqs),
             "--enforce-eager",
             "--seed",
             "0",
