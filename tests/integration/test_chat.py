@@ -40,8 +40,9 @@ def test_image_by_data_uri_counts_image_tokens(openai_client: openai.OpenAI) -> 
     assert response.choices[0].message.content
     details = response.usage.prompt_tokens_details
     assert details is not None
-    # The tiny model turns one image into 4 soft tokens between <start_of_image> and <end_of_image>.
-    assert details.image_tokens >= 4
+    # The tiny model has gemma-3-4b-it's geometry: one view of an image is 256 soft tokens between
+    # <start_of_image> and <end_of_image> (a 320x240 picture is too small for pan-and-scan crops).
+    assert details.image_tokens >= 256
 
 
 def test_image_by_http_url_gives_the_same_tokens_as_by_data_uri(openai_client: openai.OpenAI, image_host) -> None:  # type: ignore[no-untyped-def]
