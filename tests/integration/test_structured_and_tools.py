@@ -98,15 +98,20 @@ def test_json_schema_streamed(openai_client: openai.OpenAI) -> None:
 
 
 def test_json_object_output_is_an_object(openai_client: openai.OpenAI, base_url: str) -> None:
-    # Free-form JSON from a random model rarely ends; a bias towards "}" makes the object close.
-    brace = httpx.post(f"{base_url}/tokenize", json={"prompt": "}", "add_special_tokens": False}).json()["tokens"]
+    # Free-form JSON from a random model rarely ends; a bias towards "}" and "{}" makes the object
+    # close. ("}" alone is not enough: after a first token `{"` it only fills the key's string.)
+    def token(text: str) -> str:
+        tokens = httpx.post(f"{base_url}/tokenize", json={"prompt": text, "add_special_tokens": False}).json()
+        (only,) = tokens["tokens"]
+        return str(only)
+
     response = openai_client.chat.completions.create(
         model=SERVED_MODEL,
         messages=USER,
         max_tokens=50,
         temperature=0,
         response_format={"type": "json_object"},
-        logit_bias={str(brace[0]): 100},
+        logit_bias={token("}"): 100, token("{}"): 100},
     )
     assert response.choices[0].finish_reason == "stop"
     assert isinstance(json.loads(response.choices[0].message.content or ""), dict)
