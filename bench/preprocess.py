@@ -161,7 +161,7 @@ def measure_vllm_path(config_path: str, per_mode: int) -> dict[str, Any]:
     in its single multimodal worker thread for every image), on distinct decoded 1920x1080 images
     resized to gemma-3-4b-it's 896x896, in three ways:
 
-    - default: as our server calls it today (vLLM hashes the pixels, then copies and converts);
+    - default: without an id, as vLLM's own server calls it (vLLM hashes the pixels, then copies and converts);
     - uuid: with `multi_modal_uuids` set from the server's content id (SHA-256 of the encoded bytes,
       what the server now sends; vLLM then skips hashing ~6 MB of pixels); exact, same pixels;
     - downscaled+uuid: the image already reduced to 896x896 in the decode step (PIL bilinear), so
