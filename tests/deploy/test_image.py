@@ -268,11 +268,12 @@ def pod(built: Build, running: Running, tmp_path_factory: pytest.TempPathFactory
 
     # podman names the pod <deployment>-pod-<replica> and its containers <pod>-<container>.
     pod_name = f"{deployment['metadata']['name']}-pod-0"
+    server_container = f"{pod_name}-{spec['name']}"
 
     def clean() -> None:
         podman("kube", "down", str(manifest), check=False, timeout=120)
         podman("pod", "rm", "--force", pod_name, check=False, timeout=120)
-        podman("rm", "--force", f"{pod_name}-{spec['name']}", check=False)  # one left in storage only
+        podman("rm", "--force", server_container, check=False)  # one left in storage only
         podman("secret", "rm", secret["metadata"]["name"], check=False)
         for volume in volumes:
             if "emptyDir" in volume:
@@ -290,13 +291,11 @@ def pod(built: Build, running: Running, tmp_path_factory: pytest.TempPathFactory
                        "--opt", f"o=uid={user['runAsUser']},gid={user['fsGroup']}", volume["name"])  # fmt: skip
 
     kube_play(manifest, clean, make_volumes)
-    # podman names a Deployment's containers <deployment>-pod-<replica>-<container>.
     names = podman("ps", "--all", "--format", "{{.Names}}").stdout.split()
-    prefix, suffix = f"{deployment['metadata']['name']}-pod-", f"-{spec['name']}"
-    (name,) = [found for found in names if found.startswith(prefix) and found.endswith(suffix)]
+    assert server_container in names, names
     try:
         base_url = f"http://127.0.0.1:{port}"
-        yield Pod(name, base_url, probes, spec, wait_ready(base_url, name), clean)
+        yield Pod(server_container, base_url, probes, spec, wait_ready(base_url, server_container), clean)
     finally:
         clean()
 
